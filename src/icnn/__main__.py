@@ -1,0 +1,5 @@
+import sys
+
+from icnn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The ``icnn`` command line: one module per subcommand.
+
+Each subcommand module defines ``add_parser(subparsers)`` which registers its parser and sets
+``func=run`` with ``run(args) -> int``. User mistakes raise ``UsageError`` (or a
+``ValueError`` subclass such as ``icnn.data.DatasetError``): ``main`` prints them as one line,
+``icnn: error: ...``, and exits 2 -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "visualize", "layers")
+
+
+class UsageError(ValueError):
+    """A mistake in the user's arguments or files; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from icnn import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="icnn",
+        description="Part-interpretable CNNs: train them, explain trained CNNs, measure and show what filters encode.",
+    )
+    parser.add_argument("--version", action="version", version=f"icnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"icnn.cli.{name}")
+        except ModuleNotFoundError as exc:  # subcommand not built yet
+            if exc.name != f"icnn.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
+        # User mistakes are reported in one line. Programming errors (other exceptions) keep
+        # their traceback: they are bugs to report, not messages.
+        print(f"icnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
