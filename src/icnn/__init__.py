@@ -13,3 +13,7 @@ __all__ = [
     "template_shape",
     "__version__",
 ]
+
+from .loss import FilterLoss, FilterLossConfig, mi_decomposition, mutual_information_loss  # noqa: E402
+
+__all__ += ["FilterLoss", "FilterLossConfig", "mi_decomposition", "mutual_information_loss"]

@@ -1,0 +1,87 @@
+"""Many processes: ``torchrun`` + DistributedDataParallel, and a resumable sharded sampler.
+
+``torchrun --nproc_per_node=K -m icnn train ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``;
+:func:`init_distributed` reads them (nothing happens when ``WORLD_SIZE`` is 1 or unset). The
+backend is NCCL for CUDA and gloo for CPU. Only rank 0 logs and writes checkpoints.
+
+Equivalence with one process: every process draws the same per-epoch permutation and takes every
+``world``-th index (:class:`EpochSampler`), so step ``i`` of the ``k`` processes together sees
+exactly the images of step ``i`` of one process with batch ``k * batch_size``; DDP averages the
+gradients of the per-process means, which is the gradient of the global mean. The filter losses
+all-reduce their own running statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0  # this process among all
+    world_size: int = 1  # number of processes
+    local_rank: int = 0  # this process on its machine (selects cuda:local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistEnv:
+    """Initialises the default process group from torchrun's environment when ``WORLD_SIZE > 1``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler whose order is a function of ``(seed, epoch)`` only, with a start offset.
+
+    ``set_epoch(e)`` fixes the permutation (``torch.randperm`` seeded with ``seed + e``, as
+    DistributedSampler does), ``set_start(n)`` skips the first ``n`` indices of this process (a
+    resume in the middle of an epoch). Works without a process group (``num_replicas=1``).
+    """
+
+    def __init__(self, dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (identity without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

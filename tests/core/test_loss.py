@@ -1,0 +1,233 @@
+"""The filter loss (paper Eq. 1-7) against brute-force float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from icnn import FilterLoss, FilterLossConfig, mi_decomposition, mutual_information_loss, part_templates, template_priors
+
+
+def brute_force_neg_mi(x: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with plain loops over filters, templates and maps, float64."""
+    x = x.double()
+    b, c, h, w = x.shape
+    templates = part_templates(h, w).double()
+    prior = template_priors(h, w)
+    out = torch.zeros(c, dtype=torch.float64)
+    for f in range(c):
+        tr = [[float((x[i, f] * templates[t]).sum()) for t in range(len(templates))] for i in range(b)]
+        z = [sum(math.exp(tr[i][t]) for i in range(b)) for t in range(len(templates))]
+        p_xt = [[math.exp(tr[i][t]) / z[t] for t in range(len(templates))] for i in range(b)]
+        p_x = [sum(prior[t] * p_xt[i][t] for t in range(len(templates))) for i in range(b)]
+        mi = 0.0
+        for t in range(len(templates)):
+            for i in range(b):
+                mi += prior[t] * p_xt[i][t] * math.log(p_xt[i][t] / p_x[i])
+        out[f] = -mi
+    return out
+
+
+def test_mutual_information_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(5, 3, 3, 4, generator=g, dtype=torch.float64)) * 30
+    torch.testing.assert_close(mutual_information_loss(x), brute_force_neg_mi(x), rtol=1e-9, atol=1e-12)
+
+
+def test_mutual_information_float32_and_gradient():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.relu(torch.randn(6, 2, 4, 4, generator=g)) * 40).requires_grad_()
+    loss = mutual_information_loss(x)
+    torch.testing.assert_close(loss.double(), brute_force_neg_mi(x.detach()), rtol=1e-4, atol=1e-6)
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_decomposition_equals_eq1():
+    g = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(7, 4, 3, 3, generator=g, dtype=torch.float64)) * 50
+    terms = mi_decomposition(x)
+    torch.testing.assert_close(terms["neg_mi"], mutual_information_loss(x), rtol=1e-10, atol=1e-12)
+    n2 = 9
+    alpha = n2 / (1 + n2)
+    h_t = -(alpha * math.log(alpha / n2) + (1 - alpha) * math.log(1 - alpha))
+    torch.testing.assert_close(terms["prior_entropy"], torch.full((4,), h_t, dtype=torch.float64))
+    assert (terms["inter_entropy"] >= 0).all() and (terms["spatial_entropy"] >= 0).all()
+
+
+def test_no_inf_nan_for_activations_up_to_1e4():
+    x = torch.rand(4, 3, 7, 7) * 1e4
+    x[0, 0] = 0.0
+    x.requires_grad_()
+    loss = mutual_information_loss(x)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+    for mode in ("paper", "exact"):
+        for norm in ("batch_mean", "none"):
+            fl = FilterLoss(3, 2, (7, 7), mode=mode, weight_norm=norm, negative_class=0)
+            xx = x.detach().clone().requires_grad_()
+            out = fl(xx, torch.tensor([1, 0, 1, 0]))
+            out.backward()
+            assert torch.isfinite(out) and torch.isfinite(xx.grad).all(), (mode, norm)
+
+
+def eq4_reference(x, labels, targets):
+    """Eq. 4 with the Appendix's minus, Z_T and p(x) over the batch, float64 loops."""
+    x = x.double()
+    b, c, h, w = x.shape
+    templates = part_templates(h, w).double()
+    prior = template_priors(h, w)
+    grad = torch.zeros_like(x)
+    for f in range(c):
+        tr = torch.stack([(x[:, f] * templates[t]).sum((-2, -1)) for t in range(len(templates))], 1)  # (B, T)
+        z = tr.exp().sum(0)
+        for i in range(b):
+            if labels[i] == targets[f]:
+                t_hat = int(x[i, f].flatten().argmax())
+            else:
+                t_hat = len(templates) - 1
+            p_x = sum(prior[t] * math.exp(tr[i, t]) / z[t] for t in range(len(templates)))
+            coeff = -prior[t_hat] * math.exp(tr[i, t_hat]) / z[t_hat] * (tr[i, t_hat] - math.log(z[t_hat]) - math.log(p_x))
+            grad[i, f] = coeff * templates[t_hat]
+    return grad
+
+
+def test_paper_gradient_equals_eq4_with_minus():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.relu(torch.randn(6, 3, 4, 4, generator=g)) * 20).requires_grad_()
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])
+    fl = FilterLoss(3, 2, (4, 4), lambda_=1.0, schedule="constant", weight_norm="none", z_estimate="batch", p_x="exact", negative_class=0)
+    fl(x, labels).backward()
+    torch.testing.assert_close(x.grad.double(), eq4_reference(x.detach(), labels, [1, 1, 1]), rtol=2e-4, atol=1e-9)
+
+
+def test_paper_gradient_sign_raises_part_and_silences_negatives():
+    # Positive images: peaked maps that fit their template; negatives: faint noise (fit T-).
+    x = torch.full((4, 1, 5, 5), 0.05)
+    x[0, 0, 1, 2] = 9.0
+    x[1, 0, 3, 3] = 8.0
+    x = x.requires_grad_()
+    labels = torch.tensor([1, 1, 0, 0])
+    fl = FilterLoss(1, 2, (5, 5), lambda_=1.0, schedule="constant", weight_norm="none", z_estimate="batch", negative_class=0)
+    fl(x, labels).backward()
+    step = -x.grad  # gradient descent direction
+    assert step[0, 0, 1, 2] > 0 and step[1, 0, 3, 3] > 0  # raises the part's activation
+    assert step[0, 0, 4, 4] < 0  # lowers activations far from it
+    assert (step[2:] < 0).all()  # negatives pushed towards silence
+
+
+def test_gradient_does_not_flow_through_mu_choice():
+    # Same maps, gradient of the surrogate is linear in the (constant) template: doubling a
+    # far-away unit's value below the maximum does not change which template is used.
+    x = torch.zeros(2, 1, 4, 4)
+    x[:, 0, 1, 1] = 5.0
+    x[1, 0, 3, 3] = 1.0
+    x = x.requires_grad_()
+    fl = FilterLoss(1, 2, (4, 4), lambda_=1.0, schedule="constant", weight_norm="none", z_estimate="batch", negative_class=0)
+    fl(x, torch.tensor([1, 1])).backward()
+    templates = part_templates(4, 4)
+    # each image's gradient is proportional to T_(1,1)
+    t = templates[5]
+    for i in range(2):
+        g = x.grad[i, 0]
+        coeff = (g * t).sum() / (t * t).sum()
+        assert coeff.abs() > 0
+        torch.testing.assert_close(g, coeff * t)
+
+
+def test_batch_mean_normalisation():
+    g = torch.Generator().manual_seed(4)
+    x = (torch.relu(torch.randn(8, 3, 4, 4, generator=g)) * 10).requires_grad_()
+    labels = torch.tensor([1, 0] * 4)
+    raw = FilterLoss(3, 2, (4, 4), negative_class=0, schedule="constant", lambda_=1.0, weight_norm="none", z_estimate="batch")
+    raw(x, labels)
+    normed = FilterLoss(3, 2, (4, 4), negative_class=0, schedule="constant", lambda_=1.0, z_estimate="batch")
+    normed(x, labels).backward()
+    assert normed.diagnostics()["weight_abs_mean"] == pytest.approx(1.0, rel=1e-4)  # mean |w| = 1 per filter
+    assert raw.diagnostics()["weight_abs_mean"] != pytest.approx(1.0, rel=1e-2)
+    # gradient = lambda * w' * shape(T^) / B: bounded by max|w'| / B
+    assert x.grad.abs().max() <= 8 / 8 + 1e-6
+
+
+def test_targets_assigned_from_running_class_means():
+    fl = FilterLoss(2, 3, (2, 2), lambda_=1.0)
+    x = torch.zeros(3, 2, 2, 2)
+    x[0, 0] = 1.0  # class 0 activates filter 0
+    x[2, 1] = 2.0  # class 2 activates filter 1
+    fl(x, torch.tensor([0, 1, 2]))
+    assert fl.targets().tolist() == [0, 2]
+    single = FilterLoss(2, 2, (2, 2), negative_class=0)
+    assert single.targets().tolist() == [1, 1]
+    fixed = FilterLoss(2, 3, (2, 2), target_classes=torch.tensor([2, 1]))
+    assert fixed.targets().tolist() == [2, 1]
+
+
+def test_lambda_schedules():
+    x = torch.zeros(2, 1, 2, 2)
+    x[0, 0, 0, 0] = 4.0
+    x[1, 0, 1, 1] = 2.0  # mean max = 3
+    labels = torch.tensor([1, 0])
+    expect = {"paper": 0.5 * 3 / 2, "mean_max": 0.5 * 3, "inverse_epoch": 0.5 / 2, "constant": 0.5}
+    for schedule, value in expect.items():
+        fl = FilterLoss(1, 2, (2, 2), lambda_=0.5, schedule=schedule, negative_class=0)
+        fl.start_epoch(2)
+        fl(x, labels)
+        assert fl.diagnostics()["lambda"] == pytest.approx(value), schedule
+
+
+def test_state_dict_round_trip_and_silent_fraction():
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(6, 4, 3, 3, generator=g))
+    x[:, 3] = 0.0  # a silent filter
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    a = FilterLoss(4, 3, (3, 3), p_x="exact")
+    a.start_epoch(2)
+    a(x, labels)
+    assert a.diagnostics()["silent_fraction"] == pytest.approx(0.25)
+    b = FilterLoss(4, 3, (3, 3), p_x="exact")
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la, lb = a(xa, labels), b(xb, labels)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(xa.grad, xb.grad)
+
+
+def test_exact_mode_gradient_is_autograd_of_eq1():
+    g = torch.Generator().manual_seed(6)
+    x = (torch.relu(torch.randn(5, 2, 3, 3, generator=g)) * 10).requires_grad_()
+    fl = FilterLoss(2, 2, (3, 3), mode="exact", lambda_=1.0, schedule="constant")
+    fl(x, torch.zeros(5, dtype=torch.long)).backward()
+    x2 = x.detach().clone().requires_grad_()
+    mutual_information_loss(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_running_z_estimates():
+    x1 = torch.rand(4, 1, 2, 2)
+    x2 = torch.rand(4, 1, 2, 2) * 3
+    labels = torch.tensor([1, 1, 0, 0])
+    scores = lambda x: (x.reshape(4, 4) @ part_templates(2, 2).reshape(5, 4).t()).double()  # noqa: E731
+    lm1 = torch.logsumexp(scores(x1), 0) - math.log(4)
+    lm2 = torch.logsumexp(scores(x2), 0) - math.log(4)
+    ep = FilterLoss(1, 2, (2, 2), z_estimate="epoch", negative_class=0)
+    ep(x1, labels)
+    ep(x2, labels)
+    torch.testing.assert_close(ep.log_z[0].double(), torch.logaddexp(lm1, lm2) - math.log(2), rtol=1e-5, atol=1e-6)
+    run = FilterLoss(1, 2, (2, 2), z_estimate="running", z_momentum=0.9, negative_class=0)
+    run(x1, labels)
+    run(x2, labels)
+    expected = torch.log(0.9 * lm1.exp() + 0.1 * lm2.exp())
+    torch.testing.assert_close(run.log_z[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="schedule"):
+        FilterLossConfig(schedule="weekly")
+    with pytest.raises(ValueError, match="unknown filter loss option"):
+        FilterLoss(1, 2, (2, 2), lamda=1.0)
+    fl = FilterLoss(2, 2, (3, 3))
+    with pytest.raises(ValueError, match="expects maps"):
+        fl(torch.zeros(1, 2, 4, 4), torch.zeros(1, dtype=torch.long))

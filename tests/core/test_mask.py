@@ -1,0 +1,65 @@
+"""The mask layer (paper §3, Fig. 4)."""
+
+import torch
+
+from icnn import PartMask, locate_parts, template_shape
+
+
+def test_mask_hand_computed_3x3():
+    x = torch.tensor([[0.0, 1.0, 0.0], [2.0, 5.0, 1.0], [0.0, 3.0, 4.0]])[None, None]
+    out = PartMask()(x)
+    # mu = (1, 1); shape: centre 1, edge neighbours -1/3, corners -1 -> relu keeps only the centre
+    expected = torch.zeros(1, 1, 3, 3)
+    expected[0, 0, 1, 1] = 5.0
+    torch.testing.assert_close(out, expected)
+
+
+def test_mask_keeps_near_units_on_large_maps():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 3] = 4.0
+    x[0, 0, 3, 4] = 2.0  # L1 distance 1: shape 1 - 4/8 = 0.5
+    x[0, 0, 0, 7] = 3.0  # far: shape -1 -> removed
+    out = PartMask()(x)
+    assert out[0, 0, 3, 3] == 4.0 and out[0, 0, 3, 4] == 1.0 and out[0, 0, 0, 7] == 0.0
+
+
+def test_mask_batched_matches_per_map_loop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 5, 6, 7, generator=g)
+    for mu_mode in ("argmax", "centroid"):
+        layer = PartMask(mu=mu_mode, distance="l2")
+        out = layer(x)
+        for b in range(3):
+            for c in range(5):
+                mu = locate_parts(x[b : b + 1, c : c + 1], mu_mode)[0, 0]
+                m = template_shape(mu, 6, 7, distance="l2")
+                torch.testing.assert_close(out[b, c], torch.relu(x[b, c] * m))
+
+
+def test_gradient_flows_through_x_times_mask_only():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 4, 5, 5, generator=g, requires_grad=True)
+    layer = PartMask()
+    out = layer(x)
+    w = torch.rand(out.shape, generator=g)
+    (out * w).sum().backward()
+    m = layer.mask(x.detach())
+    expected = w * m * (x.detach() * m > 0)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_centroid_mode():
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0, 0, 0] = 1.0
+    x[0, 0, 2, 2] = 1.0  # centroid (1, 1)
+    mu = locate_parts(x, "centroid")
+    torch.testing.assert_close(mu[0, 0], torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(mu[0, 1], torch.tensor([1.0, 1.0]))  # silent map: centre
+
+
+def test_mask_in_eval_mode_too_and_large_values_finite():
+    x = torch.full((1, 1, 4, 4), 1e4)
+    x[0, 0, 2, 1] = 2e4
+    layer = PartMask().eval()
+    out = layer(x)
+    assert torch.isfinite(out).all() and out[0, 0, 2, 1] == 2e4 and out[0, 0, 0, 3] == 0
