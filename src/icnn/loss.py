@@ -286,6 +286,8 @@ class FilterLoss(nn.Module):
         n_t = h * w + 1
         # Derived, not state: rebuilt from the config, so not saved.
         self.register_buffer("templates", part_templates(h, w, tau=self.tau, beta=cfg.beta, distance=cfg.distance), persistent=False)
+        # template shapes t/tau, with T- as the last one (-1 everywhere)
+        self.register_buffer("shapes", torch.cat((part_templates(h, w, tau=1.0, beta=cfg.beta, distance=cfg.distance)[:-1], -torch.ones(1, h, w))), persistent=False)
         self.register_buffer("log_prior", template_priors(h, w, alpha=self.alpha).log().float(), persistent=False)
         # Running state.
         self.register_buffer("log_z", torch.zeros(num_filters, n_t))
@@ -384,7 +386,10 @@ class FilterLoss(nn.Module):
         labels = labels.reshape(-1).long()
         cfg = self.config
         xf = x.float()
-        scores = _template_scores(xf, self.templates)  # (B, C, T), differentiable
+        # Template scores of every map: Z_T statistics, p(x), diagnostics. Differentiable only
+        # in exact mode; the paper's gradient needs just tr(x.T^) (computed below).
+        with torch.set_grad_enabled(cfg.mode == "exact" and torch.is_grad_enabled()):
+            scores = _template_scores(xf, self.templates)  # (B, C, T)
         self._update_statistics(xf.detach(), scores.detach(), labels)
         lam = self.lambdas().to(xf.dtype)  # (C,)
 
@@ -449,9 +454,11 @@ class FilterLoss(nn.Module):
             weights = torch.where(is_target, weights, weights * cfg.negative_weight)
         # tr(x.T^) with gradient: for T-, -tau*sum x; for T_mu, tau*sum x*shape(mu).
         if cfg.mu == "argmax":
-            tr_hat = scores.gather(-1, t_hat[..., None]).squeeze(-1)
-        else:
-            tr_hat = torch.where(is_target, self.tau * (x * shape).sum((-2, -1)), scores[..., -1])
+            with torch.no_grad():
+                shape = self.shapes.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)
+        tr_hat = self.tau * (x * shape).sum((-2, -1))
+        if cfg.mu != "argmax":
+            tr_hat = torch.where(is_target, tr_hat, -self.tau * x.sum((-2, -1)))
         if cfg.weight_norm == "batch_mean":
             # normalised weights act on the template shape (t^ / tau), so lambda is scale-free
             tr_hat = tr_hat / self.tau

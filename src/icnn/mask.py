@@ -67,10 +67,25 @@ class PartMask(nn.Module):
         self.beta = float(beta)
         self.distance = distance
         self.mu = mu
+        self._tables: dict = {}
 
+    def shape_table(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        """All ``h*w`` template shapes ``(h*w, h, w)``, row-major in mu; cached per size."""
+        key = (h, w, device, dtype)
+        if key not in self._tables:
+            mus = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+            table = template_shape(mus.reshape(h * w, 2).to(device), h, w, beta=self.beta, distance=self.distance)
+            self._tables[key] = table.to(dtype)
+        return self._tables[key]
+
+    @torch.no_grad()
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The mask ``M`` for every map of ``x``: ``(B, C, h, w)``, no gradient."""
-        h, w = x.shape[-2:]
+        b, c, h, w = x.shape
+        if self.mu == "argmax":
+            # a table lookup: the shape centred at each map's argmax unit
+            idx = x.reshape(b, c, h * w).argmax(dim=-1)  # (B, C)
+            return self.shape_table(h, w, x.device, x.dtype).index_select(0, idx.reshape(-1)).reshape(b, c, h, w)
         mu = locate_parts(x, self.mu)  # (B, C, 2)
         return template_shape(mu, h, w, beta=self.beta, distance=self.distance).to(x.dtype)
 
