@@ -14,7 +14,16 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A bad training configuration (unknown key, bad value); printed as one line by the CLI."""
+    """A bad training configuration (unknown key, bad value); printed as one line by the CLI.
+
+    ``field`` names the offending config field (``None`` when not about one field) and
+    ``reason`` says what is wrong; ``str(err)`` is ``"<field>: <reason>"``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.reason = reason if reason is not None else message
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -73,7 +82,8 @@ class TrainConfig:
         """Checks every value; raises ConfigError naming the first bad field."""
 
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}: {why} (got {getattr(self, name)!r})")
+            reason = f"{why} (got {getattr(self, name)!r})"
+            return ConfigError(f"{name}: {reason}", field=name, reason=reason)
 
         choices = {
             "task": TASKS,
@@ -87,23 +97,30 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
         for name in ("epochs", "batch_size", "image_size", "lr_step"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         for name in ("num_workers", "checkpoint_every", "log_every", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "backbone_lr_mult", "grad_clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
+        for name in ("interpretable", "augment", "deterministic", "amp", "compile", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        for name in ("arch", "dataset", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise bad(name, "must be a non-empty string")
+        for name in ("weights", "root", "negatives_root", "eval_split"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
         if not isinstance(self.filter_loss, dict):
             raise bad("filter_loss", "must be a table of FilterLoss keyword arguments")
         if not isinstance(self.dataset_kwargs, dict):
             raise bad("dataset_kwargs", "must be a table of build_dataset keyword arguments")
-        if not self.arch:
-            raise bad("arch", "must be a model name")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,13 +136,14 @@ class TrainConfig:
         known = set(cls.field_names())
         for key in values:
             if key not in known:
-                raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
+                raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})", field=key)
         cfg = cls(**values)
         # Accept ints where floats are expected (TOML "lr = 1" is an int).
         for f in dataclasses.fields(cls):
-            if f.type in ("float",) and isinstance(getattr(cfg, f.name), int) and not isinstance(getattr(cfg, f.name), bool):
-                setattr(cfg, f.name, float(getattr(cfg, f.name)))
+            v = getattr(cfg, f.name)
+            if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+                setattr(cfg, f.name, float(v))
         try:
             return cfg.validate()
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{source}: {exc}", field=exc.field, reason=exc.reason) from None

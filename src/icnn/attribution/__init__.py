@@ -1,0 +1,28 @@
+"""Attribution and visualisation of any CNN (survey §3): saliency, deconvnet, guided backprop,
+Grad-CAM (Captum adapters) and activation maximisation.
+
+    with GradCAM(model, "layers.new") as cam:
+        heat = cam(images, target=None, upsample=True)  # (B, H, W)
+"""
+
+from .actmax import ActivationMaximization, ActMaxConfig, ActMaxResult
+from .base import Attribution, AttributionError, minmax_normalize, resolve_layer, select_output
+from .deconvnet import Deconvnet
+from .gradcam import GradCAM
+from .guided_backprop import GuidedBackprop
+from .saliency import Saliency
+
+__all__ = [
+    "ActMaxConfig",
+    "ActMaxResult",
+    "ActivationMaximization",
+    "Attribution",
+    "AttributionError",
+    "Deconvnet",
+    "GradCAM",
+    "GuidedBackprop",
+    "Saliency",
+    "minmax_normalize",
+    "resolve_layer",
+    "select_output",
+]

@@ -1,0 +1,34 @@
+"""Datasets: every one returns the sample dict of ``docs/DESIGN.md`` (image, label, box,
+landmarks, part_masks, index) and has ``classes``, ``landmark_names``, ``part_names``,
+``image_size``."""
+
+from .base import SAMPLE_KEYS, DatasetError, PartDataset, Record
+from .cub import CUB200
+from .custom import CustomParts
+from .ilsvrc_part import ILSVRCPart
+from .negatives import NegativeImages
+from .pascal_part import PascalPart
+from .registry import DATASETS, build_dataset
+from .single_category import SingleCategory
+
+__all__ = [
+    "CUB200",
+    "CustomParts",
+    "DATASETS",
+    "DatasetError",
+    "ILSVRCPart",
+    "NegativeImages",
+    "PartDataset",
+    "PascalPart",
+    "Record",
+    "SAMPLE_KEYS",
+    "SingleCategory",
+    "build_dataset",
+]
+
+try:  # written alongside; the package works before it exists
+    from .synthetic import SyntheticParts, synthetic_single_category  # noqa: F401
+except ImportError:
+    pass
+else:
+    __all__ += ["SyntheticParts", "synthetic_single_category"]

@@ -1,0 +1,478 @@
+"""Part interpretability of filters (paper §5.2.1 and footnote 5/6; SPEC §5).
+
+For filter ``f`` with threshold ``T_f`` (``p(x_ij > T_f) = 0.005`` over all units of all maps of the
+dataset, ``quantile.TopQuantile``), the region ``S_f^I`` on image ``I`` is made of its
+above-threshold activations mapped to the image, and::
+
+    IoU_fk^I = |S_f^I ∩ S_k^I| / |S_f^I ∪ S_k^I|        (S_k^I: the mask of part k)
+    P_fk     = mean_{I with part k} 1(IoU_fk^I > 0.2)
+    P_f      = max_k P_fk,     layer score = mean_f P_f
+
+(The CVPR copy prints ``P_fk = max_I``; the arXiv copy and SPEC say ``mean_I``: a probability.)
+
+Two ways to map activations to the image (``mode``):
+
+- ``"upsample"`` (Network Dissection): bilinear interpolation of the map to the image, then
+  ``> T_f``. With ``centers`` (the units' RF centres) the interpolation is between RF centres,
+  as the original Network Dissection (its ``upsampleL`` places units on their receptive fields),
+  held constant beyond the outermost centres; without, it is ``F.interpolate(mode="bilinear",
+  align_corners=False)`` (NetDissect-Lite): unit centres at ``(j + 0.5) * W / w``.
+- ``"rf"`` (the paper's footnote: "a round RF for each valid activation ... overlapped"): the
+  union of disks of radius ``r`` centred on the RF centres of the units with ``x_ij > T_f``; a
+  pixel belongs to a disk when its centre ``(px + 0.5, py + 0.5)`` is within ``r``.
+  Default ``radius="stride"``: ``r`` = the stride (spacing of unit centres, mean of x and y).
+  Why: the theoretical RF of a top layer covers most of the image (VGG-16 conv5_3: 212 px on a
+  224 px input), so disks that size would make every region nearly the whole image and every
+  IoU small; effective RFs are far smaller than theoretical ones (Luo et al. 2016). One stride is
+  the reach of a unit in bilinear upsampling (its tent kernel spans +-1 stride), so the two modes
+  see regions of similar extent, and disks of neighbouring active units overlap into one region.
+  ``radius="rf"`` uses half the geometry's theoretical RF size; a number is taken as pixels.
+
+Regions are strict ``> T_f``, so maps entirely at or below the threshold have empty regions and
+are skipped (most maps, at q = 0.005). Regions are built sparsely, around the active units only,
+as disjoint row intervals, and intersected with the masks through per-row prefix sums: the cost
+follows the number of active units, not ``B x C x H x W``. Pixel counts are int64 and IoU > 0.2
+is decided in exact integer arithmetic (``5 * |∩| > |∪|``), and a pixel's interpolated value does
+not depend on what else is in the batch: every number is the same whatever the batching.
+
+Multi-category: each filter is evaluated on images of its category - given, or by default
+``c_hat = argmax_c mean_{I in I_c} sum_ij x_ij`` (paper §5.2.1) over the classes that have part
+annotations (so the negatives of a single-category set, which have none, are never chosen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .instability import as_unit_centers
+from .quantile import MetricError, exact_fraction
+
+__all__ = [
+    "PartInterpretability",
+    "PartInterpretabilityResult",
+    "filter_regions",
+    "region_overlaps",
+    "resolve_radius",
+]
+
+MODES = ("upsample", "rf")
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def _axis_weights(centers_1d: torch.Tensor, size: int):
+    """Linear interpolation along one axis at pixel centres ``p + 0.5`` between sample positions.
+
+    Returns ``lo, hi`` (size,) indices and ``t`` (size,) weights: value = (1 - t) v[lo] + t v[hi];
+    constant beyond the first/last sample.
+    """
+    c = centers_1d.to(torch.float64).contiguous()
+    x = torch.arange(size, dtype=torch.float64) + 0.5
+    if len(c) == 1:
+        zero = torch.zeros(size, dtype=torch.long)
+        return zero, zero, torch.zeros(size, dtype=torch.float64)
+    hi = torch.searchsorted(c, x, right=True).clamp(1, len(c) - 1)
+    lo = hi - 1
+    t = ((x - c[lo]) / (c[hi] - c[lo])).clamp(0.0, 1.0)
+    return lo, hi, t
+
+
+def _grid_axes(centers, h: int, w: int, image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit centre positions along x ``(w,)`` and y ``(h,)``; NetDissect-Lite grid when None."""
+    big_h, big_w = image_hw
+    if centers is None:
+        cx = (torch.arange(w, dtype=torch.float64) + 0.5) * (big_w / w)
+        cy = (torch.arange(h, dtype=torch.float64) + 0.5) * (big_h / h)
+        return cx, cy
+    ctr = as_unit_centers(centers, h, w)  # (h, w, 2)
+    cx, cy = ctr[0, :, 0], ctr[:, 0, 1]
+    if not (torch.equal(ctr[..., 0], cx.expand(h, w)) and torch.equal(ctr[..., 1], cy[:, None].expand(h, w))):
+        raise MetricError("centers must form a grid: x depends on the column only, y on the row only")
+    if (w > 1 and not bool((cx.diff() > 0).all())) or (h > 1 and not bool((cy.diff() > 0).all())):
+        raise MetricError("centers must increase along rows and columns")
+    return cx, cy
+
+
+def resolve_radius(radius, centers, h: int, w: int, image_hw: tuple[int, int]) -> float:
+    """Disk radius in pixels for ``mode="rf"`` (see the module doc for the default)."""
+    if isinstance(radius, (int, float)) and not isinstance(radius, bool):
+        if radius <= 0:
+            raise MetricError(f"radius must be positive, got {radius}")
+        return float(radius)
+    if radius == "stride":
+        cx, cy = _grid_axes(centers, h, w, image_hw)
+        steps = [float(a.diff().mean()) for a in (cx, cy) if len(a) > 1]
+        if not steps:
+            raise MetricError("radius='stride' needs a map larger than 1x1; pass radius in pixels")
+        return sum(steps) / len(steps)
+    if radius == "rf":
+        size = None if isinstance(centers, torch.Tensor) else getattr(centers, "size", None)
+        if size is None:
+            raise MetricError("radius='rf' needs a geometry with .size (theoretical RF); got plain centers")
+        return (float(size[0]) + float(size[1])) / 4.0
+    raise MetricError(f"radius must be a number of pixels, 'stride' or 'rf', got {radius!r}")
+
+
+def _pixel_table(lo: torch.Tensor, t: torch.Tensor, ncell: int, dtype, device):
+    """Pixels of each interpolation cell along one axis (cells = runs of equal ``lo``).
+
+    Returns ``pix (ncell, L)`` pixel indices, ``t (ncell, L)`` weights, ``valid (ncell, L)``.
+    """
+    count = torch.bincount(lo, minlength=ncell)
+    start = count.cumsum(0) - count
+    off = torch.arange(max(int(count.max()), 1))
+    valid = off[None, :] < count[:, None]
+    pix = (start[:, None] + off[None, :]).clamp(max=len(lo) - 1)
+    return pix.to(device), t[pix].to(device, dtype), valid.to(device)
+
+
+def _upsample_pixels(maps, thr, cx, cy, image_hw, chunk_bytes):
+    """Region pixels of ``maps (n, h, w)`` in mode "upsample": yields ``(map index, pixel index)``.
+
+    Pixel ``p`` lies in the interpolation cell of its lower-left unit pair ``(y0[p], x0[p])``; its
+    value is the bilinear mix of the cell's 4 corner units, so it can exceed the threshold only if
+    a corner does. Only cells with a corner above threshold are evaluated (a few per active unit
+    instead of the whole image), and since cells partition the image every pixel comes out once.
+    Rounding cannot create a region pixel away from active units.
+    """
+    big_h, big_w = image_hw
+    n, h, w = maps.shape
+    dt = maps.dtype if maps.dtype.is_floating_point else torch.float32
+    maps, dev = maps.to(dt), maps.device
+    x0, _, tx = _axis_weights(cx, big_w)
+    y0, _, ty = _axis_weights(cy, big_h)
+    ncx, ncy = max(w - 1, 1), max(h - 1, 1)
+    px_t, tx_t, vx_t = _pixel_table(x0, tx, ncx, dt, dev)  # (ncx, Lx)
+    py_t, ty_t, vy_t = _pixel_table(y0, ty, ncy, dt, dev)  # (ncy, Ly)
+    act = maps > thr[:, None, None]  # (n, h, w)
+    if h > 1:
+        act = act[:, :-1] | act[:, 1:]
+    if w > 1:
+        act = act[:, :, :-1] | act[:, :, 1:]
+    cells = act.nonzero()  # (mc, 3): map, cell row a, cell column b
+    step = max(1, int(chunk_bytes) // (px_t.shape[1] * py_t.shape[1] * 16))
+    for start in range(0, len(cells), step):  # chunks of cells bound the memory
+        k, a, b = cells[start : start + step].unbind(1)
+        ah, bh = (a + 1 if h > 1 else a), (b + 1 if w > 1 else b)
+        txc, tyc = tx_t[b], ty_t[a]  # (m, Lx), (m, Ly)
+        # the same operations, in the same order, as rows = m[x0] (1 - tx) + m[x1] tx, then
+        # rows[y0] (1 - ty) + rows[y1] ty: a pixel's value does not depend on what is batched
+        row_a = maps[k, a, b][:, None] * (1 - txc) + maps[k, a, bh][:, None] * txc  # (m, Lx)
+        row_b = maps[k, ah, b][:, None] * (1 - txc) + maps[k, ah, bh][:, None] * txc
+        val = row_a[:, None, :] * (1 - tyc)[:, :, None] + row_b[:, None, :] * tyc[:, :, None]  # (m, Ly, Lx)
+        inside = (val > thr[k][:, None, None]) & vy_t[a][:, :, None] & vx_t[b][:, None, :]
+        c, oy, ox = inside.nonzero().unbind(1)
+        yield k[c], py_t[a[c], oy] * big_w + px_t[b[c], ox]
+
+
+def _disk_intervals(maps, thr, cx, cy, image_hw, radius: float, chunk_bytes):
+    """Regions of ``maps (n, h, w)`` in mode "rf" as disjoint row intervals: yields
+    ``(map index, row, x_first, x_last)`` (M,) each, inclusive, covering each region pixel once.
+
+    Each active unit's disk (pixel centres within ``radius`` of its RF centre) is cut into one
+    interval per pixel row; the ends come from ``sqrt`` and are then corrected with the exact test
+    ``(px + 0.5 - x)^2 + (py + 0.5 - y)^2 <= r^2`` (float64), so membership is decided by that test
+    alone. Intervals of one (map, row) are sorted and merged, so overlapping disks count once.
+    Chunks of whole maps bound the memory.
+    """
+    big_h, big_w = image_hw
+    n, dev = len(maps), maps.device
+    act = (maps > thr[:, None, None]).nonzero()  # (m, 3): map, i, j - grouped by map
+    if len(act) == 0:
+        return
+    rows_per_unit = int(2 * radius) + 1  # the most pixel centres an interval of length 2r holds
+    off = torch.arange(rows_per_unit, device=dev)
+    cx, cy = cx.to(dev), cy.to(dev)
+    r2 = radius * radius
+    ends = torch.bincount(act[:, 0], minlength=n).cumsum(0)  # units up to each map
+    cap = max(1, int(chunk_bytes) // (rows_per_unit * 96))  # units per chunk (~96 B per interval)
+    group = (ends - 1).clamp_min(0) // cap
+    bounds = torch.cat((ends.new_zeros(1), ends[torch.nonzero(group.diff())[:, 0]], ends[-1:]))
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if hi <= lo:
+            continue
+        u = act[lo:hi]
+        ux, uy = cx[u[:, 2]], cy[u[:, 1]]  # (m,) float64
+        py = torch.ceil(uy - 0.5 - radius).long()[:, None] + off  # (m, R) rows in reach
+        dy2 = (py + 0.5 - uy[:, None]).pow(2)
+        ok = (dy2 <= r2) & (py >= 0) & (py < big_h)
+        half = (r2 - dy2).clamp_min(0).sqrt()
+        uxe = ux[:, None].expand_as(half)
+
+        def inside(px):
+            return (px + 0.5 - uxe).pow(2) + dy2 <= r2
+
+        x0 = torch.ceil(uxe - 0.5 - half).long()
+        x0 = torch.where(inside(x0 - 1), x0 - 1, torch.where(inside(x0), x0, x0 + 1))
+        x1 = torch.floor(uxe - 0.5 + half).long()
+        x1 = torch.where(inside(x1 + 1), x1 + 1, torch.where(inside(x1), x1, x1 - 1))
+        x0, x1 = x0.clamp_min(0), x1.clamp_max(big_w - 1)
+        ok &= x0 <= x1
+        k = u[:, 0, None].expand_as(py)[ok]
+        row, x0, x1 = py[ok], x0[ok], x1[ok]
+        # merge the intervals of each (map, row): sort by (map, row, x0); an interval opens a new
+        # block unless it starts at or before the running end of its group (+1: adjacent pixels)
+        group_id = k * big_h + row
+        order = torch.argsort(group_id * (big_w + 1) + x0)
+        group_id, row, k, x0, x1 = group_id[order], row[order], k[order], x0[order], x1[order]
+        run_end = torch.cummax(group_id * (big_w + 1) + x1, dim=0).values - group_id * (big_w + 1)
+        prev_end = torch.cat((torch.full((1,), -2, dtype=torch.long, device=dev), run_end[:-1]))
+        same = torch.cat((torch.zeros(1, dtype=torch.bool, device=dev), group_id[1:] == group_id[:-1]))
+        starts = ~same | (x0 > prev_end + 1)
+        block = starts.long().cumsum(0) - 1  # block index of every interval
+        first = starts.nonzero()[:, 0]
+        last_end = torch.zeros(len(first), dtype=torch.long, device=dev).scatter_reduce(
+            0, block, x1, reduce="amax", include_self=False
+        )
+        yield k[first], row[first], x0[first], last_end
+
+
+def _upsample_intervals(maps, thr, cx, cy, image_hw, chunk_bytes):
+    """``_upsample_pixels`` as one-pixel intervals ``(map, row, x, x)``."""
+    big_w = image_hw[1]
+    for k, pix in _upsample_pixels(maps, thr, cx, cy, image_hw, chunk_bytes):
+        row, x = pix // big_w, pix % big_w
+        yield k, row, x, x
+
+
+def _region_intervals(maps, thr, image_hw, mode, centers, radius, chunk_bytes):
+    """Regions of ``n`` maps ``(n, h, w)`` with thresholds ``(n,)`` as disjoint row intervals,
+    in chunks of ``(map index, row, x_first, x_last)`` (inclusive); every region pixel once."""
+    h, w = maps.shape[-2:]
+    cx, cy = _grid_axes(centers, h, w, image_hw)
+    if mode == "upsample":
+        return _upsample_intervals(maps, thr, cx, cy, image_hw, chunk_bytes)
+    r = resolve_radius(radius, centers, h, w, image_hw)
+    return _disk_intervals(maps, thr, cx, cy, image_hw, r, chunk_bytes)
+
+
+def _check(maps, thresholds, mode) -> None:
+    if maps.dim() != 4:
+        raise MetricError(f"maps must be (B, C, h, w), got shape {tuple(maps.shape)}")
+    if tuple(thresholds.shape) != (maps.shape[1],):
+        raise MetricError(f"thresholds must be (C,) = ({maps.shape[1]},), got {tuple(thresholds.shape)}")
+    if mode not in MODES:
+        raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def filter_regions(
+    maps: torch.Tensor,
+    thresholds: torch.Tensor,
+    image_hw: tuple[int, int],
+    *,
+    mode: str = "upsample",
+    centers=None,
+    radius="stride",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Regions ``S_f^I`` of every map on the image: ``(B, C, h, w) -> (B, C, H, W)`` bool.
+
+    For visualisation and small inputs; ``region_overlaps`` streams a dataset without building
+    this tensor (both use the same pixels).
+    """
+    _check(maps, thresholds, mode)
+    b, c, h, w = maps.shape
+    big_h, big_w = image_hw
+    thr = thresholds.to(maps.device, maps.dtype).repeat(b)
+    edges = torch.zeros(b * c, big_h, big_w + 1, dtype=torch.int32, device=maps.device)
+    for k, row, x0, x1 in _region_intervals(
+        maps.detach().reshape(b * c, h, w), thr, (big_h, big_w), mode, centers, radius, chunk_bytes
+    ):
+        ones = torch.ones_like(k, dtype=torch.int32)
+        edges.index_put_((k, row, x0), ones, accumulate=True)  # +1 where an interval opens
+        edges.index_put_((k, row, x1 + 1), -ones, accumulate=True)  # -1 after it closes
+    return (edges.cumsum(-1)[..., :big_w] > 0).reshape(b, c, big_h, big_w)
+
+
+def region_overlaps(
+    maps: torch.Tensor,
+    thresholds: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    mode: str = "upsample",
+    centers=None,
+    radius="stride",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlap of every filter region with every mask: ``inter (B, C, P)`` and ``area (B, C)`` (int64).
+
+    ``maps (B, C, h, w)``, ``thresholds (C,)``, ``masks (B, P, H, W)`` bool. Only maps with a unit
+    above threshold have a region; their region pixels are generated sparsely (see
+    ``_upsample_pixels`` / ``_disk_pixels``) in chunks under ``chunk_bytes`` and looked up in the
+    masks, so the cost follows the number of active units, not ``B x C x H x W``.
+    """
+    _check(maps, thresholds, mode)
+    if masks.dim() != 4 or masks.shape[0] != maps.shape[0]:
+        raise MetricError(f"masks must be (B, P, H, W) with B = {maps.shape[0]}, got {tuple(masks.shape)}")
+    b, c, h, w = maps.shape
+    p, big_h, big_w = masks.shape[1:]
+    maps, masks = maps.detach(), masks.to(maps.device)
+    thresholds = thresholds.to(maps.device, maps.dtype)
+    inter = torch.zeros(b, c, p, dtype=torch.long, device=maps.device)
+    area = torch.zeros(b, c, dtype=torch.long, device=maps.device)
+    pairs = (maps.amax(dim=(-2, -1)) > thresholds).nonzero()  # (n, 2): image, filter
+    if len(pairs) == 0:
+        return inter, area
+    bi, fi = pairs.unbind(1)
+    # prefix sums of every mask row: |interval ∩ mask| = cs[x_last + 1] - cs[x_first]
+    cs = torch.zeros(b, big_h, big_w + 1, p, dtype=torch.int32, device=maps.device)  # (B, H, W+1, P)
+    cs[:, :, 1:] = masks.bool().permute(0, 2, 3, 1).cumsum(2, dtype=torch.int32)
+    cs = cs.reshape(b * big_h * (big_w + 1), p)  # rows: (image, row, x)
+    inter_n = torch.zeros(len(pairs), p, dtype=torch.long, device=maps.device)
+    area_n = torch.zeros(len(pairs), dtype=torch.long, device=maps.device)
+    for k, row, x0, x1 in _region_intervals(
+        maps[bi, fi], thresholds[fi], (big_h, big_w), mode, centers, radius, chunk_bytes
+    ):
+        base = (bi[k] * big_h + row) * (big_w + 1)
+        inter_n.index_add_(0, k, (cs[base + x1 + 1] - cs[base + x0]).long())
+        area_n.index_add_(0, k, x1 - x0 + 1)
+    inter[bi, fi] = inter_n
+    area[bi, fi] = area_n
+    return inter, area
+
+
+def _exceeds(inter: torch.Tensor, union: torch.Tensor, threshold) -> torch.Tensor:
+    """``inter / union > threshold`` in exact integer arithmetic (threshold as a decimal)."""
+    f = exact_fraction(threshold)
+    return inter * f.denominator > union * f.numerator
+
+
+@dataclass
+class PartInterpretabilityResult:
+    """What ``PartInterpretability.compute()`` returns (C filters, NC classes, P parts)."""
+
+    score: float  # mean_f P_f over filters with any annotated image
+    per_filter: torch.Tensor  # (C,) P_f = max_k P_fk
+    per_filter_part: torch.Tensor  # (C, P) P_fk on the filter's category (NaN: no image with k)
+    best_part: torch.Tensor  # (C,) argmax_k P_fk (first on ties; -1 if none)
+    category: torch.Tensor  # (C,) the class each filter was evaluated on
+    per_filter_class_part: torch.Tensor  # (C, NC, P) P_fk on images of each class
+    images_with_part: torch.Tensor  # (NC, P)
+    mean_activation: torch.Tensor  # (C, NC) mean_{I in c} sum_ij x_ij (category assignment)
+    part_names: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "part_interpretability": self.score,
+            "filters_evaluated": int((~torch.isnan(self.per_filter)).sum()),
+        }
+
+
+class PartInterpretability:
+    """Streaming part interpretability of one layer (paper §5.2.1; see the module doc).
+
+    Pass 2 of the metric: thresholds come from ``TopQuantile`` over the same maps (pass 1).
+
+    Args:
+        thresholds: ``(C,)`` ``T_f``.
+        parts: P, or the P part names (the order of ``part_masks``).
+        num_classes: NC (labels may be omitted when 1).
+        mode: ``"upsample"`` or ``"rf"``.
+        centers: ``(h, w, 2)`` RF centres or a geometry (required for ``"rf"``).
+        radius: disk radius for ``"rf"``: pixels, ``"stride"`` (default) or ``"rf"``.
+        iou_threshold: 0.2 (paper).
+        chunk_bytes: memory bound of one chunk of filters.
+
+    ``update(maps (B, C, h, w), part_masks (B, P, H, W) bool, labels (B,))``.
+    """
+
+    def __init__(
+        self,
+        thresholds: torch.Tensor,
+        parts: int | Sequence[str],
+        num_classes: int = 1,
+        *,
+        mode: str = "upsample",
+        centers=None,
+        radius="stride",
+        iou_threshold: float = 0.2,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        names = [f"part{k}" for k in range(parts)] if isinstance(parts, int) else list(parts)
+        if mode not in MODES:
+            raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "rf" and centers is None:
+            raise MetricError("mode='rf' needs centers (the units' RF centres or a geometry)")
+        if thresholds.dim() != 1 or not names or num_classes <= 0:
+            raise MetricError("thresholds must be (C,), parts and num_classes positive")
+        self.thresholds = thresholds.detach()
+        self.part_names, self.num_classes = names, int(num_classes)
+        self.mode, self.centers, self.radius = mode, centers, radius
+        self.iou_threshold, self.chunk_bytes = iou_threshold, chunk_bytes
+        c, p = len(thresholds), len(names)
+        self.hits = torch.zeros(c, self.num_classes, p, dtype=torch.long)  # IoU > thr, per class
+        self.with_part = torch.zeros(self.num_classes, p, dtype=torch.long)
+        self.act_sum = torch.zeros(self.num_classes, c, dtype=torch.float64)
+        self.class_count = torch.zeros(self.num_classes, dtype=torch.long)
+
+    def update(self, maps: torch.Tensor, part_masks: torch.Tensor, labels=None) -> None:
+        b, c = maps.shape[:2]
+        nc, p = self.num_classes, len(self.part_names)
+        if part_masks.dim() != 4 or part_masks.shape[:2] != (b, p):
+            raise MetricError(
+                f"part_masks must be (B, P, H, W) = ({b}, {p}, H, W), got {tuple(part_masks.shape)}"
+            )
+        labels = torch.zeros(b, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().cpu()
+        if tuple(labels.shape) != (b,) or (b and (labels.min() < 0 or labels.max() >= nc)):
+            raise MetricError(f"labels must be (B,) class indices in [0, {nc})")
+        masks = part_masks.bool()
+        inter, area = region_overlaps(
+            maps, self.thresholds, masks, mode=self.mode, centers=self.centers, radius=self.radius,
+            chunk_bytes=self.chunk_bytes,
+        )
+        inter, area = inter.cpu(), area.cpu()
+        mask_area = masks.sum(dim=(-2, -1)).cpu()  # (B, P)
+        has = mask_area > 0  # images "with part k"
+        union = area[:, :, None] + mask_area[:, None, :] - inter  # (B, C, P)
+        hit = _exceeds(inter, union, self.iou_threshold) & has[:, None, :]  # (B, C, P)
+        onehot = torch.nn.functional.one_hot(labels, nc)  # (B, NC)
+        self.hits.index_add_(1, labels, hit.long().transpose(0, 1))  # (C, NC, P)
+        self.with_part.index_add_(0, labels, has.long())  # (NC, P)
+        self.class_count += onehot.sum(0)
+        # class sums: a sequential running sum over images (cumsum), so the result does not
+        # depend on how the stream is batched
+        s = maps.detach().to(torch.float64).sum(dim=(-2, -1)).cpu()  # (B, C)
+        per = onehot.to(torch.float64)[:, :, None] * s[:, None, :]  # (B, NC, C)
+        self.act_sum = torch.cat((self.act_sum[None], per)).cumsum(0)[-1]
+
+    def mean_activation(self) -> torch.Tensor:
+        """``(C, NC)`` mean over images of class c of ``sum_ij x_ij``."""
+        return (self.act_sum / self.class_count.clamp_min(1)[:, None]).t()
+
+    def default_categories(self) -> torch.Tensor:
+        """``c_hat = argmax_c mean_{I in I_c} sum_ij x_ij`` over classes with part annotations."""
+        mean = self.mean_activation()
+        annotated = (self.with_part.sum(1) > 0) & (self.class_count > 0)  # (NC,)
+        mean = torch.where(annotated[None], mean, torch.full_like(mean, float("-inf")))
+        return mean.argmax(dim=1)
+
+    def compute(self, categories: torch.Tensor | None = None) -> PartInterpretabilityResult:
+        c = len(self.thresholds)
+        if int(self.class_count.sum()) == 0:
+            raise MetricError("PartInterpretability.compute() called before any update()")
+        if categories is None:
+            cat = self.default_categories()
+        else:
+            cat = torch.as_tensor(categories).long().cpu()
+            if tuple(cat.shape) != (c,) or bool(((cat < 0) | (cat >= self.num_classes)).any()):
+                raise MetricError(f"categories must be ({c},) class indices in [0, {self.num_classes})")
+        p_fck = self.hits.double() / self.with_part.double()[None]  # NaN where no image with k
+        p_fk = p_fck[torch.arange(c), cat]  # (C, P)
+        filled = torch.nan_to_num(p_fk, nan=-1.0)
+        best_val, best = filled.max(dim=1)
+        none = best_val < 0
+        per_filter = torch.where(none, torch.full_like(best_val, float("nan")), best_val)
+        ok = ~none
+        return PartInterpretabilityResult(
+            score=float(per_filter[ok].mean()) if bool(ok.any()) else float("nan"),
+            per_filter=per_filter,
+            per_filter_part=p_fk,
+            best_part=torch.where(none, torch.full_like(best, -1), best),
+            category=cat,
+            per_filter_class_part=p_fck,
+            images_with_part=self.with_part.clone(),
+            mean_activation=self.mean_activation(),
+            part_names=list(self.part_names),
+        )

@@ -1,0 +1,41 @@
+"""Networks: backbones made interpretable by one transformation (paper §5), by name.
+
+    model = build_model("vgg16", num_classes=1, interpretable=True, image_size=224)
+    feats = model.forward_features(images)   # FeatureMaps(relu, masked, out)
+"""
+
+from . import alexnet, efficientnet, resnet, small_cnn, vgg  # noqa: F401  (register the backbones)
+from .net import (
+    FeatureMaps,
+    InterpretableLayer,
+    InterpretableNet,
+    ModelError,
+    Normalize,
+    fc_head,
+    linear_head,
+    make_interpretable,
+    make_interpretable_from,
+    output_shapes,
+)
+from .registry import MODELS, build_model, list_models, register_model
+from .weights import WeightsError, load_backbone_weights, read_state_dict
+
+__all__ = [
+    "MODELS",
+    "FeatureMaps",
+    "InterpretableLayer",
+    "InterpretableNet",
+    "ModelError",
+    "Normalize",
+    "WeightsError",
+    "build_model",
+    "fc_head",
+    "linear_head",
+    "list_models",
+    "load_backbone_weights",
+    "make_interpretable",
+    "make_interpretable_from",
+    "output_shapes",
+    "read_state_dict",
+    "register_model",
+]

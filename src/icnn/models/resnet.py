@@ -1,0 +1,64 @@
+"""ResNet-18/50 (He et al. 2016), torchvision's layout (v1.5: stride in the 3x3 conv).
+
+Beyond the paper (which leaves residual nets out, §5): the whole last stage ``layer4`` is the
+top conv-layer (its output, after the block's final ReLU, is masked) and the new 3x3 layer sits
+above it; global average pooling + fc is the head::
+
+    stem = conv1, bn1, relu, maxpool, layer1, layer2, layer3
+    top  = layer4                               -> mask     (B, 512|2048, H/32, W/32)
+    new  = conv3x3 + ReLU                       -> mask
+    head = avgpool -> fc                        (fresh)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torchvision
+from torch import nn
+
+from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, linear_head, make_interpretable
+from .registry import register_model
+from .weights import WeightsError, load_backbone_weights
+
+
+def resnet_net(
+    backbone: torchvision.models.ResNet,
+    *,
+    arch: str,
+    num_classes: int,
+    interpretable: bool,
+    weights,
+    image_size,
+    dropout: float = 0.0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    mask: dict | None = None,
+) -> InterpretableNet:
+    if weights == "imagenet":
+        raise WeightsError(f"no ImageNet weights ship with icnn for {arch}: pass a local state dict file")
+    if weights is not None:
+        load_backbone_weights(backbone, weights, ignore=("fc.",), name=arch)
+    b = backbone
+    stem = nn.Sequential(OrderedDict(
+        conv1=b.conv1, bn1=b.bn1, relu=b.relu, maxpool=b.maxpool, layer1=b.layer1, layer2=b.layer2, layer3=b.layer3,
+    ))  # fmt: skip
+    top = nn.Sequential(OrderedDict(layer4=b.layer4))
+    return make_interpretable(
+        stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
+        image_size=image_size, mean=mean, std=std, mask=mask, arch=arch,
+    )
+
+
+@register_model
+def resnet18(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+    """ResNet-18; ``weights``: a torchvision ``resnet18`` state dict file."""
+    return resnet_net(torchvision.models.resnet18(weights=None), arch="resnet18", num_classes=num_classes,
+                      interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip
+
+
+@register_model
+def resnet50(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+    """ResNet-50; ``weights``: a torchvision ``resnet50`` state dict file."""
+    return resnet_net(torchvision.models.resnet50(weights=None), arch="resnet50", num_classes=num_classes,
+                      interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip

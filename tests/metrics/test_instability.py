@@ -1,0 +1,307 @@
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from icnn.metrics.instability import (
+    LocationInstability,
+    MetricError,
+    argmax_units,
+    as_unit_centers,
+    instability_references,
+)
+
+NAN = float("nan")
+
+
+def grid_centers(h, w, stride=4, offset=0):
+    return as_unit_centers(SimpleNamespace(stride=(stride, stride), offset=(offset, offset)), h, w)
+
+
+# --------------------------------------------------------------------------- brute force reference
+def brute_instability(scores, unit_xy, landmarks, labels, hw, nc, top_k, categories=None):
+    """Plain loops over filters, classes, landmarks, images (numpy), ties -> earlier image."""
+    scores, unit_xy, landmarks = (np.asarray(a, dtype=np.float64) for a in (scores, unit_xy, landmarks))
+    labels = np.asarray(labels)
+    n, c = scores.shape
+    k = landmarks.shape[1]
+    diag = math.sqrt(hw[0] ** 2 + hw[1] ** 2)
+    d = np.full((c, nc, k), np.nan)
+    parts = np.zeros((nc, k), dtype=bool)
+    for cls in range(nc):
+        for kk in range(k):
+            imgs = [i for i in range(n) if labels[i] == cls and not np.isnan(landmarks[i, kk]).any()]
+            parts[cls, kk] = len(imgs) > 0
+            for f in range(c):
+                ranked = sorted(imgs, key=lambda i: (-scores[i, f], i))[:top_k]
+                dist = [np.linalg.norm(landmarks[i, kk] - unit_xy[i, f]) / diag for i in ranked]
+                if len(dist) >= 2:
+                    d[f, cls, kk] = np.std(dist)  # population std (ddof = 0)
+    per_filter = []
+    for f in range(c):
+        vals = []
+        for cls in range(nc):
+            ks = [d[f, cls, kk] for kk in range(k) if parts[cls, kk] and not np.isnan(d[f, cls, kk])]
+            vals.append(np.mean(ks) if ks else np.nan)
+        if categories is None:
+            finite = [v for v in vals if not np.isnan(v)]
+            per_filter.append(min(finite) if finite else np.nan)
+        else:
+            per_filter.append(vals[categories[f]])
+    per_filter = np.array(per_filter)
+    return d, per_filter, float(np.nanmean(per_filter))
+
+
+def random_stream(seed, n=23, c=4, k=3, nc=2, hw=(40, 30)):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (n, c), generator=g).double()  # many ties
+    unit_xy = torch.rand(n, c, 2, generator=g, dtype=torch.float64) * torch.tensor([hw[1], hw[0]])
+    landmarks = torch.rand(n, k, 2, generator=g, dtype=torch.float64) * torch.tensor([hw[1], hw[0]])
+    landmarks[torch.rand(n, k, generator=g) < 0.3] = NAN
+    labels = torch.randint(0, nc, (n,), generator=g)
+    return scores, unit_xy, landmarks, labels
+
+
+# --------------------------------------------------------------------------- hand-made cases
+def test_filter_on_the_landmark_has_zero_instability():
+    # the filter always fires at the unit on the landmark; landmarks move from image to image
+    ctr = grid_centers(5, 5, stride=8)
+    n = 7
+    ii, jj = torch.arange(n) % 5, (3 * torch.arange(n)) % 5
+    maps = torch.zeros(n, 1, 5, 5)
+    maps[torch.arange(n), 0, ii, jj] = 1.0 + torch.arange(n).float()
+    landmarks = ctr[ii, jj][:, None, :].clone()  # (n, 1, 2)
+    li = LocationInstability(1, ["head"])
+    li.update_maps(maps, ctr, landmarks, None, (40, 40))
+    r = li.compute()
+    assert r.score == 0.0
+    assert r.per_filter_landmark.tolist() == [[0.0]]
+
+
+def test_constant_offset_from_landmark_is_stable():
+    # fires 2 units right of the landmark every time: distance constant -> D = 0
+    ctr = grid_centers(6, 6, stride=4)
+    maps = torch.zeros(4, 1, 6, 6)
+    rows, cols = torch.tensor([0, 2, 5, 3]), torch.tensor([0, 1, 3, 2])
+    maps[torch.arange(4), 0, rows, cols + 2] = 1.0
+    landmarks = ctr[rows, cols][:, None, :]
+    li = LocationInstability(1, 1)
+    li.update_maps(maps, ctr, landmarks, None, (24, 24))
+    assert li.compute().score == pytest.approx(0.0, abs=1e-15)
+
+
+def test_hand_computed_std():
+    # image 30 x 40 -> diagonal 50; distances 5, 10, 15 px -> 0.1, 0.2, 0.3 -> population std
+    unit_xy = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]])
+    landmarks = torch.tensor([[[3.0, 4.0]], [[6.0, 8.0]], [[9.0, 12.0]]])
+    li = LocationInstability(1, 1)
+    li.update(torch.tensor([[1.0], [2.0], [3.0]]), unit_xy, landmarks, None, (30, 40))
+    expected = np.std([0.1, 0.2, 0.3])  # sqrt(2/3) * 0.1
+    assert li.compute().score == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(math.sqrt(2 / 3) * 0.1)
+
+
+def test_top_k_picks_the_highest_scores():
+    # 5 images; the top-3 by score (images 1, 3, 4) are at distances 0, 10, 20 px; the others are far
+    unit_xy = torch.zeros(5, 1, 2)
+    dist_px = torch.tensor([100.0, 0.0, 90.0, 10.0, 20.0])
+    landmarks = torch.stack((dist_px, torch.zeros(5)), dim=-1)[:, None, :]
+    scores = torch.tensor([[1.0], [5.0], [2.0], [4.0], [3.0]])
+    li = LocationInstability(1, 1, top_k=3)
+    li.update(scores, unit_xy, landmarks, None, (100, 100))
+    diag = math.sqrt(2) * 100
+    assert li.compute().score == pytest.approx(np.std([0.0, 10 / diag, 20 / diag]), rel=1e-12)
+    assert li.top_images()[0, 0, 0].tolist() == [1, 3, 4]
+
+
+def test_ties_earlier_image_wins_whatever_the_batching():
+    scores = torch.ones(6, 1)
+    unit_xy = torch.zeros(6, 1, 2)
+    landmarks = torch.arange(6.0)[:, None, None].expand(6, 1, 2).clone()
+    for split in ([6], [1, 5], [2, 2, 2], [5, 1]):
+        li = LocationInstability(1, 1, top_k=3)
+        for s, u, lm in zip(scores.split(split), unit_xy.split(split), landmarks.split(split)):
+            li.update(s, u, lm, None, (10, 10))
+        assert li.top_images()[0, 0, 0].tolist() == [0, 1, 2]
+
+
+def test_absent_landmarks_are_skipped_and_counted():
+    unit_xy = torch.zeros(4, 1, 2)
+    landmarks = torch.tensor([[[3.0, 4.0]], [[NAN, NAN]], [[6.0, 8.0]], [[NAN, 1.0]]])
+    li = LocationInstability(1, 1)
+    li.update(torch.ones(4, 1), unit_xy, landmarks, None, (30, 40))
+    r = li.compute()
+    assert r.counts.tolist() == [[[2]]]
+    assert r.annotated.tolist() == [[2]]
+    assert r.score == pytest.approx(np.std([0.1, 0.2]))
+
+
+def test_single_image_has_no_spread():
+    li = LocationInstability(1, 1)
+    li.update(torch.ones(1, 1), torch.zeros(1, 1, 2), torch.ones(1, 1, 2), None, (10, 10))
+    assert math.isnan(li.compute().per_filter[0])
+
+
+def test_multi_category_min_and_assigned_category():
+    # class 0: distances 0.1/0.3 (std 0.1); class 1: 0.2/0.2 (std 0) on landmark 0 and
+    # 0.0/0.4 (std 0.2) on landmark 1 -> class means 0.1 and 0.1 ... make them differ:
+    unit_xy = torch.zeros(6, 1, 2)
+    # image size 30x40 (diag 50): a landmark at (x, 0) is at distance x / 50
+    xs = torch.tensor([[5.0, NAN], [15.0, NAN], [10.0, 0.0], [10.0, 20.0], [0.0, NAN], [0.0, NAN]])
+    landmarks = torch.stack((xs, torch.where(torch.isnan(xs), xs, torch.zeros_like(xs))), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    li = LocationInstability(1, ["a", "b"], num_classes=3)
+    li.update(torch.ones(6, 1), unit_xy, landmarks, labels, (30, 40))
+    r = li.compute()
+    # class 0: only landmark a: std(0.1, 0.3) = 0.1; class 1: a -> 0, b -> std(0, 0.4) = 0.2 -> 0.1;
+    # class 2: a -> 0 (both at the unit) -> 0: the min picks class 2
+    assert r.per_filter_class[0].tolist() == pytest.approx([0.1, 0.1, 0.0])
+    assert r.category.tolist() == [2]
+    assert r.score == 0.0
+    r1 = li.compute(categories=torch.tensor([1]))
+    assert r1.score == pytest.approx(0.1)
+    assert r1.per_filter_landmark[0].tolist() == pytest.approx([0.0, 0.2])
+
+
+def test_silent_fraction():
+    maps = torch.zeros(4, 2, 3, 3)
+    maps[:3, 0, 1, 1] = 1.0
+    li = LocationInstability(2, 1)
+    li.update_maps(maps, grid_centers(3, 3), torch.ones(4, 1, 2), None, (12, 12))
+    assert li.compute().silent_fraction.tolist() == [0.25, 1.0]
+
+
+# --------------------------------------------------------------------------- brute force + streaming
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_and_streaming_is_exact(seed):
+    scores, unit_xy, landmarks, labels = random_stream(seed)
+    hw = (40, 30)
+    d_ref, pf_ref, score_ref = brute_instability(scores, unit_xy, landmarks, labels, hw, nc=2, top_k=5)
+
+    one = LocationInstability(4, 3, num_classes=2, top_k=5)
+    one.update(scores, unit_xy, landmarks, labels, hw)
+    r = one.compute()
+    np.testing.assert_allclose(r.per_filter_class_landmark.numpy(), d_ref, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(r.per_filter.numpy(), pf_ref, rtol=1e-12)
+    assert r.score == pytest.approx(score_ref, rel=1e-12)
+
+    streamed = LocationInstability(4, 3, num_classes=2, top_k=5)
+    for idx in torch.split(torch.arange(len(scores)), [3, 1, 9, 10]):
+        streamed.update(scores[idx], unit_xy[idx], landmarks[idx], labels[idx], hw)
+    s = streamed.compute()
+    assert torch.equal(s.per_filter_class_landmark.nan_to_num(-1), r.per_filter_class_landmark.nan_to_num(-1))
+    assert s.score == r.score
+    assert torch.equal(streamed.top_images(), one.top_images())
+
+    cats = torch.tensor([0, 1, 1, 0])
+    _, pf_cat, score_cat = brute_instability(scores, unit_xy, landmarks, labels, hw, 2, 5, cats.tolist())
+    rc = one.compute(categories=cats)
+    np.testing.assert_allclose(rc.per_filter.numpy(), pf_cat, rtol=1e-12)
+
+
+def test_argmax_units_first_max_and_centres():
+    maps = torch.zeros(1, 2, 2, 3)
+    maps[0, 0, 1, 2] = 3.0
+    maps[0, 1] = 1.0  # all tied: first unit (0, 0)
+    ctr = grid_centers(2, 3, stride=10, offset=2)
+    scores, xy = argmax_units(maps, ctr)
+    assert scores.tolist() == [[3.0, 1.0]]
+    assert xy.tolist() == [[[2 + 20 + 0.5, 2 + 10 + 0.5], [2.5, 2.5]]]
+
+
+def test_geometry_duck_typing():
+    geom = SimpleNamespace(stride=(16, 8), offset=(-1, 3))
+    ctr = as_unit_centers(geom, 2, 3)
+    assert ctr[1, 2].tolist() == [3 + 8 * 2 + 0.5, -1 + 16 * 1 + 0.5]
+    with_method = SimpleNamespace(unit_centers=lambda h, w: ctr)
+    assert torch.equal(as_unit_centers(with_method, 2, 3), ctr)
+    with pytest.raises(MetricError, match="centers must be"):
+        as_unit_centers(torch.zeros(3, 3, 2), 2, 3)
+
+
+def test_bad_input_messages():
+    li = LocationInstability(2, 1)
+    with pytest.raises(MetricError, match="unit_xy"):
+        li.update(torch.ones(3, 2), torch.zeros(3, 1, 2), torch.zeros(3, 1, 2), None, (4, 4))
+    with pytest.raises(MetricError, match="image_hw"):
+        li.update(torch.ones(3, 2), torch.zeros(3, 2, 2), torch.zeros(3, 1, 2), None, None)
+    with pytest.raises(MetricError, match="labels"):
+        li.update(torch.ones(3, 2), torch.zeros(3, 2, 2), torch.zeros(3, 1, 2), torch.tensor([0, 1, 0]), (4, 4))
+    with pytest.raises(MetricError, match="finite"):
+        li.update(torch.full((3, 2), NAN), torch.zeros(3, 2, 2), torch.zeros(3, 1, 2), None, (4, 4))
+
+
+# --------------------------------------------------------------------------- reference points
+def brute_fixed_unit(landmarks, labels, hw, ctr, nc):
+    """Loops: every unit as an always-there filter over all annotated images; min over units."""
+    landmarks, labels, ctr = np.asarray(landmarks), np.asarray(labels), np.asarray(ctr).reshape(-1, 2)
+    diag = math.sqrt(hw[0] ** 2 + hw[1] ** 2)
+    best = np.inf
+    for u in range(len(ctr)):
+        per_class = []
+        for cls in range(nc):
+            ds = []
+            for kk in range(landmarks.shape[1]):
+                imgs = [i for i in range(len(labels)) if labels[i] == cls and not np.isnan(landmarks[i, kk]).any()]
+                if len(imgs) >= 2:
+                    ds.append(np.std([np.linalg.norm(landmarks[i, kk] - ctr[u]) / diag for i in imgs]))
+            if ds:
+                per_class.append(np.mean(ds))
+        best = min(best, min(per_class))
+    return best
+
+
+def test_fixed_unit_reference_matches_brute_force():
+    _, _, landmarks, labels = random_stream(5, n=30)
+    ctr = grid_centers(3, 4, stride=8, offset=1)
+    ref = instability_references(landmarks, labels, (40, 30), ctr, num_classes=2, draws=2)
+    assert ref.fixed == pytest.approx(brute_fixed_unit(landmarks, labels, (40, 30), ctr, 2), rel=1e-12)
+    assert ref.fixed_per_unit.shape == (3, 4)
+    assert ref.fixed == float(ref.fixed_per_unit[ref.fixed_unit])
+
+
+def test_fixed_unit_first_k_equals_stream_with_constant_scores():
+    # a constant-score filter in the stream keeps the first top_k images (tie rule): feeding every
+    # unit as a filter must reproduce fixed_top_k = top_k
+    _, _, landmarks, labels = random_stream(6, n=25)
+    ctr = grid_centers(2, 3, stride=10)
+    n, u = len(labels), 6
+    li = LocationInstability(u, 3, num_classes=2, top_k=4)
+    li.update(torch.ones(n, u), ctr.reshape(1, u, 2).expand(n, u, 2), landmarks, labels, (40, 30))
+    ref = li.references(ctr, draws=2, fixed_top_k=4)
+    stream = li.compute()
+    assert ref.fixed == pytest.approx(float(stream.per_filter.min()), rel=1e-12)
+
+
+def test_random_reference_equals_a_layer_of_random_filters():
+    # rebuild the Monte-Carlo draws and feed them to the streaming metric as R filters
+    _, _, landmarks, labels = random_stream(7, n=40)
+    ctr = grid_centers(4, 4, stride=8)
+    draws, seed, n = 6, 123, len(labels)
+    ref = instability_references(landmarks, labels, (40, 30), ctr, num_classes=2, top_k=7, draws=draws, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    units = torch.randint(16, (draws, n), generator=gen)
+    rscore = torch.rand(draws, n, generator=gen, dtype=torch.float64)
+    li = LocationInstability(draws, 3, num_classes=2, top_k=7)
+    li.update(rscore.t(), ctr.reshape(16, 2)[units.t()], landmarks, labels, (40, 30))
+    assert ref.random == pytest.approx(li.compute().score, rel=1e-12)
+    again = instability_references(landmarks, labels, (40, 30), ctr, num_classes=2, top_k=7, draws=draws, seed=seed)
+    assert again.random == ref.random  # deterministic per seed
+
+
+def test_random_reference_close_to_independent_estimate():
+    # independent numpy Monte-Carlo of E[std_I d] with all images (top_k >= N): same expectation
+    rng = np.random.default_rng(0)
+    n = 60
+    lm = rng.uniform(0, 32, size=(n, 1, 2))
+    ctr = grid_centers(4, 4, stride=8)
+    ref = instability_references(torch.from_numpy(lm), None, (32, 32), ctr, draws=400, seed=1)
+    c = ctr.reshape(-1, 2).numpy()
+    est = np.mean([
+        np.std(np.linalg.norm(lm[:, 0] - c[rng.integers(0, 16, n)], axis=1) / math.sqrt(2 * 32**2))
+        for _ in range(4000)
+    ])
+    assert ref.random == pytest.approx(est, rel=0.02)
+    assert ref.fixed < ref.random

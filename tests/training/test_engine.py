@@ -1,0 +1,201 @@
+"""The training loop: exact resume (epoch boundary and mid-epoch), non-finite stop, logs.
+
+Every run is a few steps of a 4-filter network on 16x16 images (CPU, deterministic).
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from icnn.loss import FilterLoss
+from icnn.training import NonFiniteLossError, TrainConfig, engine, load_checkpoint, train
+from icnn.training.config import ConfigError
+
+from .fakes import TinyParts, tiny_net
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(
+        arch="tiny", image_size=16, epochs=3, batch_size=4, lr=0.05, lr_schedule="step", lr_step=1, lr_gamma=0.5,
+        seed=7, device="cpu", out=str(out), log_every=2, progress=False, augment=True,
+        filter_loss={"lambda_": 0.05},
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(cfg, resume=None, **kw):
+    # dropout + augmentation exercise every RNG that resume must restore
+    return train(cfg, resume=resume, model=tiny_net(dropout=0.5, seed=123), train_set=TinyParts(18, augment=True), eval_set=TinyParts(6, seed=1), **kw)
+
+
+def _assert_same_checkpoint(a, b):
+    wa, sa, _ = load_checkpoint(a)
+    wb, sb, _ = load_checkpoint(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    for name in sa["filter_losses"]:
+        for k, v in sa["filter_losses"][name].items():
+            assert torch.equal(v, sb["filter_losses"][name][k]), (name, k)
+    assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
+
+
+def _epoch_rows(out):
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("a")
+    result = _run(_cfg(out))
+    return out, result
+
+
+def test_uninterrupted_run_writes_layout_and_logs(uninterrupted):
+    out, result = uninterrupted
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "log.csv", "log.jsonl"]
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["config.json", "model.safetensors", "state.pt"]
+    rows = _epoch_rows(out)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[-1]["step"] == 15  # 5 batches (18 images, batch 4) x 3 epochs
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12, 14]
+    for key in ("loss", "task", "filter/new", "filter/top", "accuracy", "eval/accuracy", "lr", "new/lambda", "new/spatial_entropy"):
+        assert key in epochs[-1], key
+    assert [r["lr"] for r in epochs] == [0.05, 0.025, 0.0125]  # logged before the epoch's scheduler step
+    assert epochs[0]["images"] == 18
+    header = (out / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"kind", "epoch", "step", "loss", "new/lambda"} <= set(header)
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + len(rows)
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
+    assert len(result.history) == 3 and result.step == 15
+
+
+def test_resume_after_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    out_a, _ = uninterrupted
+    real_save = engine.save_checkpoint
+    calls = []
+
+    def save_then_die(*a, **k):
+        path = real_save(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed  # killed right after the epoch-1 checkpoint
+        return path
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        _run(_cfg(tmp_path))
+    assert load_checkpoint(tmp_path)[1]["epoch"] == 1
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    result = _run(_cfg(tmp_path), resume=tmp_path)
+    assert [r["epoch"] for r in result.history] == [2, 3]
+    _assert_same_checkpoint(out_a, tmp_path)
+    assert _epoch_rows(out_a) == _epoch_rows(tmp_path)
+
+
+def test_resume_mid_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    out_a, _ = uninterrupted
+    real_step = engine.train_step
+    calls = []
+
+    def step_then_die(*a, **k):
+        calls.append(1)
+        if len(calls) == 10:  # killed in epoch 2 after step 9, one step past the step-8 checkpoint
+            raise Killed
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(engine, "train_step", step_then_die)
+    cfg = _cfg(tmp_path, checkpoint_every=4, log_every=1)
+    with pytest.raises(Killed):
+        _run(cfg)
+    assert [r["step"] for r in _epoch_rows(tmp_path) if r["kind"] == "step"][-1] == 9
+    state = load_checkpoint(tmp_path)[1]
+    assert (state["epoch"], state["batches_done"], state["step"], state["epoch_done"]) == (2, 3, 8, False)
+    monkeypatch.setattr(engine, "train_step", real_step)
+    _run(cfg, resume=tmp_path)
+    _assert_same_checkpoint(out_a, tmp_path)
+    assert [r["step"] for r in _epoch_rows(tmp_path) if r["kind"] == "step"] == list(range(1, 16))
+    # the resumed run's log reads as one run (rows after the checkpoint were dropped)
+    assert [r for r in _epoch_rows(tmp_path) if r["kind"] == "epoch"] == [r for r in _epoch_rows(out_a) if r["kind"] == "epoch"]
+
+
+def test_resume_of_finished_run_does_nothing(uninterrupted, tmp_path):
+    out_a, _ = uninterrupted
+    cfg = _cfg(tmp_path / "unused")
+    result = _run(cfg, resume=out_a)
+    assert result.history == [] and result.step == 15
+
+
+def test_non_finite_filter_loss_stops_loudly_and_keeps_checkpoint(tmp_path, monkeypatch):
+    real = FilterLoss.forward
+
+    def nan_in_epoch_2(self, x, labels):
+        loss = real(self, x, labels)
+        return loss * float("nan") if int(self.epoch) == 2 else loss
+
+    monkeypatch.setattr(FilterLoss, "forward", nan_in_epoch_2)
+    cfg = _cfg(tmp_path, epochs=3)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 6 \(batch 1 of the epoch\): filter/top = nan") as err:
+        _run(cfg)
+    assert "filter/new = nan" in str(err.value) and "task = " in str(err.value)
+    weights, state, _ = load_checkpoint(tmp_path)
+    assert state["epoch"] == 1 and state["epoch_done"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["checkpoint", "config.json", "log.csv", "log.jsonl"]
+
+
+def test_non_finite_task_loss_names_the_task_term(tmp_path):
+    data = TinyParts(8)
+    data.images[:] = float("nan")
+    cfg = _cfg(tmp_path, epochs=1, eval_split=None)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 .*task = nan"):
+        train(cfg, model=tiny_net(interpretable=False), train_set=data)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_ordinary_twin_has_no_filter_losses(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1, interpretable=False)
+    result = train(cfg, model=tiny_net(interpretable=False), train_set=TinyParts(8))
+    row = result.history[0]
+    assert not any(k.startswith("filter/") for k in row)
+    assert row["loss"] == pytest.approx(row["task"])
+    assert load_checkpoint(tmp_path)[1]["filter_losses"] == {}
+
+
+def test_backbone_lr_multiplier_and_optimizers():
+    model = tiny_net()
+    cfg = TrainConfig(lr=0.1, backbone_lr_mult=0.1)
+    opt = engine.make_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["backbone"]["lr"] == pytest.approx(0.01) and groups["new"]["lr"] == 0.1
+    n_backbone = sum(p.numel() for p in list(model.stem.parameters()) + list(model.layers["top"].parameters()))
+    assert sum(p.numel() for p in groups["backbone"]["params"]) == n_backbone
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert isinstance(engine.make_optimizer(model, dataclasses.replace(cfg, optimizer="adam")), torch.optim.Adam)
+
+
+def test_bad_filter_loss_option_is_a_config_error(tmp_path):
+    cfg = _cfg(tmp_path, filter_loss={"lambda": 0.1})
+    with pytest.raises(ConfigError, match="filter_loss: unknown filter loss option"):
+        train(cfg, model=tiny_net(), train_set=TinyParts(8))
+
+
+def test_config_from_dict_is_strict():
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown key 'bacth_size'"):
+        TrainConfig.from_dict({"bacth_size": 3}, source="run.toml")
+    with pytest.raises(ConfigError, match=r"batch_size: must be a positive integer \(got 0\)") as err:
+        TrainConfig.from_dict({"batch_size": 0})
+    assert err.value.field == "batch_size"
+    with pytest.raises(ConfigError, match="optimizer: must be one of sgd, adam"):
+        TrainConfig.from_dict({"optimizer": "rmsprop"})
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0 and isinstance(TrainConfig.from_dict({"lr": 1}).lr, float)
