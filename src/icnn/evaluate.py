@@ -174,7 +174,7 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
     class_count = torch.zeros(num_classes, dtype=torch.float64)
     annotated_class = torch.zeros(num_classes, dtype=torch.bool)  # classes with any landmark
     density = torch.zeros(cfg.density_grid, cfg.density_grid, dtype=torch.float64)
-    best = None  # per filter: (score, index) of its top image, for Fig. 4 panels
+    top_score = top_index = None  # per filter: its top images (score, dataset index), Fig. 4-5
     for batch in _progress(loader, cfg.progress, len(loader), "evaluate"):
         images = batch["image"].to(device)
         labels = batch["label"].long()
@@ -190,7 +190,8 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
             mask_shape = (len(dataset.part_names), image_h, image_w) if has_masks else None
             cache = _MapCache(n, (c, map_h, map_w), mask_shape, cfg.cache_dir)
             class_sum = torch.zeros(num_classes, c, dtype=torch.float64)
-            best = (torch.full((c,), -math.inf, dtype=torch.float64), torch.zeros(c, dtype=torch.long))
+            top_score = torch.empty(c, 0, dtype=torch.float64)
+            top_index = torch.empty(c, 0, dtype=torch.long)
         accuracy.update(logits, labels)
         scores = maps.reshape(b, c, -1).amax(-1).double()  # (B, C)
         flat_idx = maps.reshape(b, c, -1).argmax(-1)
@@ -208,9 +209,11 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
         class_sum += onehot.t() @ maps.double().sum((-2, -1))
         class_count += onehot.sum(0)
         density += _box_density(unit_xy.double(), batch["box"].double(), scores, cfg.density_grid)
-        top_score, top_pos = scores.max(0)
-        better = top_score > best[0]
-        best = (torch.where(better, top_score, best[0]), torch.where(better, batch["index"][top_pos], best[1]))
+        # running top images per filter (earlier image first on ties: stable sort)
+        cand_s = torch.cat((top_score, scores.t()), 1)
+        cand_i = torch.cat((top_index, batch["index"].long()[None].expand(c, b)), 1)
+        order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, : cfg.top_images]
+        top_score, top_index = cand_s.gather(1, order), cand_i.gather(1, order)
 
     # Each filter's category: given (interpretable nets), or the annotated class activating it
     # most (paper §5.2.1); single-category: the target class.
@@ -239,7 +242,7 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
         )
         per_filter["location_instability"] = res.per_filter.tolist()
 
-    artifacts: dict = {"density": density.numpy(), "best_image": best[1].tolist(), "best_score": best[0].tolist()}
+    artifacts: dict = {"density": density.numpy(), "top_images": top_index.tolist(), "top_scores": top_score.tolist()}
     if has_masks:
         piou = iou_mod.PartInterpretability(
             thresholds, dataset.part_names, num_classes, mode=cfg.rf_mode, centers=geom, iou_threshold=cfg.iou_threshold
@@ -264,3 +267,18 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
     cache.close()
     metrics["config"] = asdict(cfg)
     return EvalResult(metrics=metrics, per_filter=per_filter, artifacts=artifacts)
+
+
+def json_safe(obj):
+    """``obj`` with NaN/inf floats as ``None`` and tensors/arrays as lists: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -39,7 +39,7 @@ from torch import nn
 from .mask import MU_MODES, locate_parts
 from .templates import DISTANCES, default_alpha, default_tau, part_templates, template_priors, template_shape
 
-MODES = ("paper", "exact")
+MODES = ("paper", "exact", "posterior")
 SCHEDULES = ("paper", "mean_max", "inverse_epoch", "constant")
 WEIGHT_NORMS = ("batch_mean", "none")
 Z_ESTIMATES = ("running", "epoch", "batch")
@@ -170,7 +170,7 @@ def mi_decomposition(
 class FilterLossConfig:
     """How the filter loss is optimised. Defaults: see docs/filter_loss.md for the measurements."""
 
-    mode: str = "paper"  # "paper": Eq. 4 approximate gradient; "exact": autograd of Eq. 1 over the batch
+    mode: str = "paper"  # "paper": Eq. 4 approximate gradient; "exact": autograd of Eq. 1 over the batch; "posterior": -log p(T^|x)
     lambda_: float = 0.01  # base weight; the schedule scales it
     schedule: str = "inverse_epoch"  # "paper": lambda_*mean max x/t; "mean_max": lambda_*mean max x; "inverse_epoch": lambda_/t; "constant"
     weight_norm: str = "batch_mean"  # Eq. 4 weights divided by their mean magnitude per filter in the batch, or "none"
@@ -388,7 +388,7 @@ class FilterLoss(nn.Module):
         xf = x.float()
         # Template scores of every map: Z_T statistics, p(x), diagnostics. Differentiable only
         # in exact mode; the paper's gradient needs just tr(x.T^) (computed below).
-        with torch.set_grad_enabled(cfg.mode == "exact" and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(cfg.mode != "paper" and torch.is_grad_enabled()):
             scores = _template_scores(xf, self.templates)  # (B, C, T)
         self._update_statistics(xf.detach(), scores.detach(), labels)
         lam = self.lambdas().to(xf.dtype)  # (C,)
@@ -400,6 +400,11 @@ class FilterLoss(nn.Module):
         if cfg.mode == "exact":
             loss = (lam * _neg_mi(scores, self.log_prior)).sum()
             weights = None
+        elif cfg.mode == "posterior":
+            per_map = self._posterior_nll(xf, scores, labels)  # (B, C)
+            loss = (lam * per_map.mean(0)).sum()
+            loss = loss - loss.detach() + value
+            weights = None
         else:
             surrogate, weights = self._paper_surrogate(xf, scores, labels)
             loss = (lam * surrogate).sum()
@@ -407,6 +412,35 @@ class FilterLoss(nn.Module):
 
         self._record(terms, lam, weights)
         return loss
+
+    def _target_templates(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of ``T^`` per map ``(B, C)`` (the unit of mu^, or ``h*w`` for ``T-``) and the
+        ``(B, C)`` mask of maps whose image is of the filter's category."""
+        b, c, h, w = x.shape
+        is_target = labels[:, None] == self.targets()[None, :]
+        with torch.no_grad():
+            if self.config.mu == "argmax":
+                unit = x.reshape(b, c, h * w).argmax(-1)
+            else:
+                mu = locate_parts(x, "centroid").round().long()
+                unit = mu[..., 0] * w + mu[..., 1]
+            t_hat = torch.where(is_target, unit, torch.full_like(unit, h * w))
+        return t_hat, is_target
+
+    def _posterior_nll(self, x: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``-log p(T^|x)`` per map ``(B, C)``, with ``p(T|x) = p(T) p(x|T) / p(x)``.
+
+        A label-guided form of the conditional entropy ``H(T|X)`` that Eq. 1 minimises (``-MI =
+        H(T|X) - H(T)``): the cross-entropy of the template posterior against the target
+        template. Its gradient ``-(t^_ij - E_{p(T|x)} t_ij)`` has the direction of Eq. 4 (raise the
+        map near mu^ on the filter's category, lower it elsewhere and on other categories) but
+        vanishes once the posterior is confident, so activations cannot run away.
+        """
+        t_hat, is_target = self._target_templates(x, labels)
+        log_joint = scores - self.log_z.to(scores.dtype) + self.log_prior  # (B, C, T), Z_T constant
+        log_post = log_joint.gather(-1, t_hat[..., None]).squeeze(-1) - torch.logsumexp(log_joint, dim=-1)
+        weight = torch.where(is_target, 1.0, self.config.negative_weight)
+        return -log_post * weight
 
     def _paper_surrogate(self, x: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor):
         """Per-filter surrogate whose gradient is Eq. 4 with the Appendix's minus.

@@ -231,3 +231,31 @@ def test_config_validation():
     fl = FilterLoss(2, 2, (3, 3))
     with pytest.raises(ValueError, match="expects maps"):
         fl(torch.zeros(1, 2, 4, 4), torch.zeros(1, dtype=torch.long))
+
+
+def test_posterior_mode_gradient_and_saturation():
+    # -log p(T^|x): gradient = -(t^ - E_p(T|x)[t]) / B per map, Z_T from the batch, lambda = 1.
+    g = torch.Generator().manual_seed(7)
+    x = (torch.relu(torch.randn(4, 2, 3, 3, generator=g)) * 5).requires_grad_()
+    labels = torch.tensor([1, 0, 1, 0])
+    fl = FilterLoss(2, 2, (3, 3), mode="posterior", lambda_=1.0, schedule="constant", z_estimate="batch", negative_class=0)
+    fl(x, labels).backward()
+    xd = x.detach().double()
+    templates = part_templates(3, 3).double()
+    prior = template_priors(3, 3)
+    scores = torch.einsum("bchw,thw->bct", xd, templates)
+    log_z = torch.logsumexp(scores, 0) - math.log(4)
+    post = torch.softmax(scores - log_z + prior.log(), -1)  # (B, C, T)
+    expected = torch.zeros_like(xd)
+    for b in range(4):
+        for c in range(2):
+            t_hat = int(xd[b, c].flatten().argmax()) if labels[b] == 1 else 9
+            expected[b, c] = -(templates[t_hat] - torch.einsum("t,thw->hw", post[b, c], templates)) / 4
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-4, atol=1e-9)
+    # saturation: a confidently peaked positive map gets (almost) no gradient at large scale
+    big = torch.zeros(2, 1, 3, 3)
+    big[0, 0, 1, 1] = 1e4
+    big.requires_grad_()
+    fl2 = FilterLoss(1, 2, (3, 3), mode="posterior", lambda_=1.0, schedule="constant", z_estimate="batch", negative_class=0)
+    fl2(big, torch.tensor([1, 0])).backward()
+    assert torch.isfinite(big.grad).all() and big.grad[0].abs().max() < 1e-6

@@ -59,10 +59,6 @@ RESUME_OVERRIDABLE = {"epochs", "out", "device", "num_workers", "progress", "ten
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from icnn.training import TrainConfig
-
-    d = TrainConfig()
-    S = argparse.SUPPRESS
     p = subparsers.add_parser(
         "train",
         help="train an interpretable CNN or its ordinary twin",
@@ -74,12 +70,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.set_defaults(func=run)
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser, *, twin_choice: bool = True, resume: bool = True) -> None:
+    """The TrainConfig flags (shared with ``icnn compare``, which trains both twins)."""
+    from icnn.training import TrainConfig
+
+    d = TrainConfig()
+    S = argparse.SUPPRESS
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=S, metavar="NAME", help=f"backbone from icnn.models (small_cnn, vgg16, alexnet, vgg_m, vgg_s, resnet18, resnet50, efficientnet_lite0, ...; default {d.arch})")
     g.add_argument("--weights", default=S, metavar="FILE", help="local backbone weights (torchvision state dict or .safetensors; 'imagenet' for efficientnet_lite*); default: random init")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--interpretable", dest="interpretable", action="store_true", default=S, help="train the interpretable network: masks and filter losses (default)")
-    mode.add_argument("--ordinary", dest="interpretable", action="store_false", default=S, help="train the ordinary twin: same network, no masks, no filter losses")
+    if twin_choice:
+        mode = g.add_mutually_exclusive_group()
+        mode.add_argument("--interpretable", dest="interpretable", action="store_true", default=S, help="train the interpretable network: masks and filter losses (default)")
+        mode.add_argument("--ordinary", dest="interpretable", action="store_false", default=S, help="train the ordinary twin: same network, no masks, no filter losses")
     g.add_argument("--lambda", dest="lambda_", type=float, default=S, metavar="X", help="base weight of the filter losses (FilterLoss lambda_; default: the FilterLoss default)")
     g.add_argument("--filter-loss", dest="filter_loss", action="append", default=S, metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact or schedule=paper (repeatable)")
 
@@ -113,13 +120,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S, help="mixed precision on GPU (default on; ignored on CPU)")
     g.add_argument("--compile", action="store_true", default=S, help="torch.compile the training step (GPU only)")
     g.add_argument("--out", default=S, metavar="DIR", help=f"output directory: checkpoint/, log.csv, log.jsonl, config.json (default {d.out}; with --resume: the resumed run's directory)")
-    g.add_argument("--resume", default=None, metavar="PATH", help="continue the run in PATH (its output directory or its checkpoint/ directory) from its last checkpoint")
+    if resume:
+        g.add_argument("--resume", default=None, metavar="PATH", help="continue the run in PATH (its output directory or its checkpoint/ directory) from its last checkpoint")
     g.add_argument("--config", default=None, metavar="FILE", help="settings file (.toml, .yaml or .json) whose keys are TrainConfig fields; flags given here override it")
     g.add_argument("--checkpoint-every", type=int, default=S, metavar="N", help="also checkpoint every N steps inside an epoch (default: at the end of each epoch only)")
     g.add_argument("--log-every", type=int, default=S, metavar="N", help=f"write a log row every N steps (0: one per epoch; default {d.log_every})")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars (they are also off when stderr is not a terminal)")
     g.add_argument("--tensorboard", action="store_true", default=S, help="also write TensorBoard events to OUT/tensorboard (needs the tensorboard package)")
-    return p
 
 
 def _parse_value(text: str) -> Any:

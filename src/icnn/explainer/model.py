@@ -337,7 +337,8 @@ class _Reader(nn.Module):
         self.stem = performer.stem
         names = list(performer.layer_names)
         upto = names[: names.index(layer) + 1] if layer != "stem" else []
-        self.layers = nn.ModuleDict(OrderedDict((n, performer.layers[n]) for n in upto))
+        if upto:
+            self.layers = nn.ModuleDict(OrderedDict((n, performer.layers[n]) for n in upto))
 
 
 class ExplainedNet(nn.Module):

@@ -205,3 +205,33 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {ckpt / CONFIG_FILE}: unreadable config ({exc})") from None
     return weights, state, config
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuilds a trained network from a checkpoint: ``(model, TrainConfig, state)``.
+
+    The architecture comes from the checkpoint's ``config.json``; the weights from its
+    ``model.safetensors`` (the backbone weights file it was initialised from is not needed).
+    ``state["filter_losses"]`` holds each interpretable layer's filter-loss state (e.g. the
+    filters' target categories). Raises CheckpointError naming the file on any problem.
+    """
+    import dataclasses
+
+    from ..models import build_model
+    from .config import ConfigError, TrainConfig
+
+    weights, state, config = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(config, source=f"checkpoint {path} config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    num_classes = state.get("num_classes")
+    if num_classes is None:  # older checkpoints: infer from the head's last bias
+        last_bias = [k for k in weights if k.startswith("head") and k.endswith("bias")]
+        num_classes = int(weights[sorted(last_bias)[-1]].shape[0]) if last_bias else 1
+    model = build_model(cfg.arch, num_classes=int(num_classes), interpretable=cfg.interpretable, image_size=cfg.image_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit {cfg.arch} ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), dataclasses.replace(cfg, weights=None), state

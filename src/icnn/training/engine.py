@@ -483,6 +483,7 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
             "filter_losses": {name: fl.state_dict() for name, fl in filter_losses.items()},
             "rng": rng_state(),
             "world_size": denv.world_size,
+            "num_classes": int(getattr(model, "num_classes", 0)) or None,
             "metrics": metrics or {},
         }
         return save_checkpoint(out, model, state, cfg.to_dict())

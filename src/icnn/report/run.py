@@ -1,0 +1,150 @@
+"""The report of evaluated runs: metric tables and the paper's figures (Fig. 4, 5, 6).
+
+``run_sections`` turns one evaluated network into report sections; ``write_run_report`` writes
+one run, ``write_comparison_report`` several side by side (e.g. ordinary vs interpretable).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import figures
+from .html import Figure, Section, Table, comparison_section, write_report
+
+# what the comparison table shows, in order (dotted keys into metrics.json)
+COMPARISON_KEYS = [
+    "accuracy",
+    "location_instability",
+    "instability_references.random_unit",
+    "instability_references.best_fixed_unit",
+    "part_interpretability",
+    "dissection.dissection_detectors",
+    "dissection.dissection_unique_concepts",
+    "silent_fraction",
+]
+
+
+def _shown_filters(per_filter: dict, count: int) -> list[int]:
+    """Filters to draw: the most part-interpretable (or most stable) non-silent ones."""
+    if "part_interpretability" in per_filter:
+        score = -np.nan_to_num(np.asarray(per_filter["part_interpretability"], float), nan=-1.0)
+    elif "location_instability" in per_filter:
+        score = np.nan_to_num(np.asarray(per_filter["location_instability"], float), nan=np.inf)
+    else:
+        score = np.zeros(len(per_filter["threshold"]))
+    return [int(i) for i in np.argsort(score, kind="stable")[:count]]
+
+
+@torch.no_grad()
+def _filter_figures(name: str, model, dataset, result, layer: str, count: int, top: int) -> tuple[list, list]:
+    from ..metrics.part_iou import filter_regions
+    from ..metrics.receptive_field import layer_geometry
+
+    device = next(model.parameters()).device
+    geom = layer_geometry(model, layer)
+    thresholds = torch.as_tensor(result.per_filter["threshold"], dtype=torch.float32)
+    mask_layer = model.layers[layer].mask
+    panels, tops = [], []
+    for f in _shown_filters(result.per_filter, count):
+        idx = result.artifacts["top_images"][f][:top]
+        if not idx:
+            continue
+        samples = [dataset[i] for i in idx]
+        images = torch.stack([s["image"] for s in samples]).to(device)
+        feats = model.forward_features(images)
+        relu = feats.relu[layer][:, f : f + 1].float().cpu()  # (n, 1, h, w)
+        masked = feats.masked[layer][:, f : f + 1].float().cpu()
+        regions = filter_regions(masked, thresholds[f : f + 1], tuple(images.shape[-2:]), centers=geom)[:, 0]
+        if mask_layer is not None:
+            m = mask_layer.mask(relu)[0, 0]
+        else:  # ordinary twin: no mask; show the template the interpretable layer would pick
+            from ..mask import PartMask
+
+            m = PartMask().mask(relu)[0, 0]
+        heat = torch.nn.functional.interpolate(masked[:1], size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        heat = heat / heat.max().clamp_min(1e-12)
+        panels.append(Figure(figures.filter_panel(images[0].cpu(), relu[0, 0], m, masked[0, 0], heat, title=f"{name}: filter {f}"),
+                             f"{name}, filter {f} on its top image: x, mask, masked x, RF (paper Fig. 4)"))
+        scores = masked.reshape(len(idx), -1).amax(-1).tolist()
+        tops.append(Figure(figures.top_images([s["image"] for s in samples], list(regions.numpy()), scores, ncols=min(6, len(idx)),
+                                              title=f"{name}: filter {f}"),
+                           f"{name}, filter {f}: top-{len(idx)} images with the regions above its threshold (paper Fig. 5)", wide=True))
+    return panels, tops
+
+
+def run_sections(name: str, model, dataset, result, *, layer: str = "new", panels: int = 4, top: int = 6) -> list[Section]:
+    """Sections for one evaluated network: Fig. 4 panels, Fig. 5 top images, Fig. 6 part maps."""
+    m = result.metrics
+    rows = [[k, m[k]] for k in ("accuracy", "location_instability", "part_interpretability", "silent_fraction") if k in m]
+    for k, v in m.get("instability_references", {}).items():
+        rows.append([f"instability reference: {k}", v])
+    for k, v in m.get("instability_per_landmark", {}).items():
+        rows.append([f"instability, {k}", v])
+    for k, v in m.get("part_interpretability_per_part", {}).items():
+        rows.append([f"part interpretability, {k}", v])
+    for k, v in m.get("dissection", {}).items():
+        rows.append([k.replace("_", " "), v])
+    sections = [Section(f"{name}: metrics", tables=[Table(["metric", "value"], rows, caption=f"{name}, layer {m.get('layer')}")])]
+    panel_figs, top_figs = _filter_figures(name, model, dataset, result, layer, panels, top)
+    sections.append(Section(f"{name}: filters (paper Fig. 4, 5)", figures=panel_figs + top_figs))
+    fig6 = []
+    if "density" in result.artifacts and result.artifacts["density"].sum() > 0:
+        d = result.artifacts["density"]
+        fig6.append(Figure(figures.location_heatmap(d / d.sum(), title=f"{name}: where filters fire"),
+                           "Inferred part positions of all filters on all images, in the object-box frame (paper Fig. 6)"))
+    if "per_filter_part" in result.artifacts:
+        pfp = np.nan_to_num(result.artifacts["per_filter_part"])
+        fig6.append(Figure(figures.part_heatmap(pfp, list(m.get("part_names", [])), title=f"{name}: parts per filter"),
+                           "P_fk of every filter and part, and filters per best part (paper Fig. 6)"))
+    if fig6:
+        sections.append(Section(f"{name}: part distribution (paper Fig. 6)", figures=fig6))
+    return sections
+
+
+def _bars(runs: dict[str, dict]) -> list[Figure]:
+    out = []
+    first = next(iter(runs.values()))
+    refs = first.get("instability_references", {})
+    references = {"random unit": refs.get("random_unit"), "best fixed unit": refs.get("best_fixed_unit")}
+    references = {k: v for k, v in references.items() if v is not None}
+    for metric, refs_ in (("location_instability", references), ("part_interpretability", None), ("accuracy", None)):
+        if any(metric in r for r in runs.values()):
+            out.append(Figure(figures.metric_bars(runs, metric, references=refs_), metric.replace("_", " ")))
+    if any("instability_per_landmark" in r for r in runs.values()):
+        out.append(Figure(figures.metric_bars(runs, "instability_per_landmark", references=references), "location instability per landmark"))
+    return out
+
+
+def write_run_report(path, name: str, model, dataset, result, *, config: dict | None = None, meta: dict | None = None) -> Path:
+    """``report.html`` of one evaluated network."""
+    sections = [Section("Summary", figures=_bars({name: result.metrics}))] + run_sections(name, model, dataset, result)
+    return write_report(path, f"icnn evaluation: {name}", sections, config=config, meta=meta)
+
+
+def write_comparison_report(path, runs: dict[str, tuple[Any, Any, Any]], *, title: str, config: dict | None = None,
+                            meta: dict | None = None, text: str = "") -> Path:
+    """``report.html`` with several evaluated networks side by side.
+
+    ``runs``: name -> (model, dataset, EvalResult), e.g. ``{"ordinary": ..., "interpretable": ...}``.
+    """
+    metrics = {name: r[2].metrics for name, r in runs.items()}
+    comp = comparison_section(metrics, [k for k in COMPARISON_KEYS if any(_has(m, k) for m in metrics.values())],
+                              title="Comparison", text=text)
+    comp.figures.extend(_bars(metrics))
+    sections = [comp]
+    for name, (model, dataset, result) in runs.items():
+        sections += run_sections(name, model, dataset, result)
+    return write_report(path, title, sections, config=config, meta=meta)
+
+
+def _has(metrics: dict, key: str) -> bool:
+    cur: Any = metrics
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False
+        cur = cur[part]
+    return True

@@ -1,0 +1,279 @@
+"""Explainer networks (paper 003): structure and initialisation copied from the performer, the
+performer untouched, p and the norm-layers, the filter loss's gradient kept out of the ordinary
+track, lambda_l / lambda_f, and `icnn explain` end to end on tiny synthetic images."""
+
+import json
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from icnn.data import build_dataset
+from icnn.explainer import (
+    ChannelNorm,
+    ExplainedNet,
+    ExplainerConfig,
+    ExplainerError,
+    ExplainerLoss,
+    build_explainer,
+    evaluate_explainer,
+    performer_targets,
+    train_explainer,
+)
+from icnn.metrics.receptive_field import compose, conv_geometry, layer_geometry
+from icnn.models import build_model
+from icnn.models.net import fc_head, make_interpretable
+
+torch.set_num_threads(1)
+
+
+def fc_performer(seed: int = 0) -> nn.Module:
+    """A tiny AlexNet-like performer: conv stem, top conv, pool5 -> fc6 -> fc7 -> fc8."""
+    torch.manual_seed(seed)
+    stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # (B, 6, 8, 8) at 16 px
+    top = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+    net = make_interpretable(stem, top, fc_head(nn.MaxPool2d(2), hidden=10, dropout=0.5), num_classes=1,
+                             interpretable=False, image_size=16, arch="tiny_fc")  # fmt: skip
+    for m in net.head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.3)
+    return net.eval()
+
+
+def gap_performer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("small_cnn", num_classes=1, interpretable=False, image_size=32, width=2).eval()
+
+
+def tiny_set(split="train", n=8, size=32):
+    return build_dataset("synthetic", split=split, task="single", image_size=size, num_samples=n)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(epochs=1, batch_size=4, out=str(tmp_path / "run"), device="cpu", progress=False, log_every=0)
+    return ExplainerConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------------- structure
+
+
+def test_fc_head_shapes_and_initialisation_copied_from_the_performer():
+    perf = fc_performer()
+    ex = build_explainer(perf).eval()
+    assert ex.targets == ["fc6", "fc7"]
+    assert list(ex.tail._modules) == ["relu7", "drop7", "fc8"]
+    # fc-dec-1/2 are copies of fc6/fc7 (equal values, separate storage)
+    for dec, fc in ((ex.decoder["fc_dec_1"], perf.head.fc6), (ex.decoder["fc_dec_2"], perf.head.fc7)):
+        assert torch.equal(dec.weight, fc.weight) and torch.equal(dec.bias, fc.bias)
+        assert dec.weight.data_ptr() != fc.weight.data_ptr()
+    # conv-interp-1 = the performer's next conv: same maps as its "top" layer
+    x = torch.rand(3, 3, 16, 16)
+    pf = performer_targets(perf, x, "stem", ex.targets)
+    o = ex(pf.read)
+    assert torch.allclose(o.relu["interp1"], pf.maps.relu["top"], atol=1e-6)
+    assert o.relu["interp2"].shape == o.ordin.shape == (3, 6, 8, 8)
+    assert o.x_enc.shape == (3, 6, 4, 4)  # pool5 of the performer
+    assert [z.shape for z in o.recon] == [(3, 10), (3, 10)]
+    assert o.logits.shape == (3, 1)
+    # with w_p -> inf the decoder sees the interpretable track only, via the performer's own head
+    with torch.no_grad():
+        ex.w_p.fill_(50.0)
+    o = ex(pf.read)
+    assert torch.allclose(o.x_enc, ex.pool(ex.norm_interp(o.masked["interp2"])), atol=1e-6)
+
+
+def test_batchnorm_of_the_next_conv_is_folded_into_conv_interp_1():
+    perf = gap_performer()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in perf.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    ex = build_explainer(perf).eval()
+    assert ex.targets == ["flatten"]  # GAP head: the pooled features the final linear reads
+    assert torch.equal(ex.decoder["fc_dec_1"].weight, torch.eye(8))
+    pf = performer_targets(perf, torch.rand(2, 3, 32, 32), "stem", ex.targets)
+    o = ex(pf.read)
+    assert torch.allclose(o.relu["interp1"], pf.maps.relu["top"], atol=1e-5)
+
+
+def test_bad_reconstruction_target_and_layer_are_one_line_errors():
+    perf = fc_performer()
+    with pytest.raises(ExplainerError, match="'fc9' is not a module"):
+        build_explainer(perf, reconstruct=["fc9"])
+    with pytest.raises(ExplainerError, match="reads one of stem, top"):
+        build_explainer(perf, layer="new")
+
+
+def test_receptive_field_of_conv_interp_2_composes_the_layer_read_with_two_3x3_convs():
+    perf = fc_performer()
+    net = ExplainedNet(perf, build_explainer(perf))
+    k3 = conv_geometry(3, 1, 1)
+    assert layer_geometry(net, "interp2") == compose(layer_geometry(perf, "stem"), k3, k3)
+    assert layer_geometry(net, "interp2") == layer_geometry(perf, "new")  # same depth as the top conv-layer
+
+
+# --------------------------------------------------------------------------------- norm-layer and p
+
+
+def test_norm_layer_divides_by_the_running_mean_magnitude():
+    norm = ChannelNorm(2, momentum=0.25).train()
+    a = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
+    b = 2 * a
+    norm(torch.cat((a, 3 * a)))  # first batch: alpha = E sum_ij max(x, 0) = (4 + 12) / 2, (2 + 6) / 2
+    assert torch.equal(norm.alpha, torch.tensor([8.0, 4.0]))
+    y = norm(b)  # alpha <- 0.75 alpha + 0.25 * (8, 4) = (8, 4)
+    assert torch.equal(norm.alpha, torch.tensor([8.0, 4.0]))
+    norm(torch.zeros(1, 2, 2, 2))
+    assert torch.equal(norm.alpha, torch.tensor([6.0, 3.0]))
+    assert torch.equal(y, b / torch.tensor([8.0, 4.0])[None, :, None, None])
+    norm.eval()
+    out = norm(a)  # evaluation: no update
+    assert torch.equal(norm.alpha, torch.tensor([6.0, 3.0]))
+    assert torch.allclose(out[0, 0], a[0, 0] / 6) and torch.allclose(out[0, 1], a[0, 1] / 3)
+
+
+def test_norm_statistics_after_training_make_channels_equal_magnitude(tmp_path):
+    perf = gap_performer()
+    res = train_explainer(perf, tiny_set(n=8), cfg(tmp_path, norm_momentum=1.0))
+    ex = res.explainer.train()
+    pf = performer_targets(perf, torch.stack([tiny_set(n=8)[i]["image"] for i in range(8)]), "stem", ex.targets)
+    o = ex(pf.read)  # momentum 1: alpha = this batch's mean magnitude
+    mags = o.ordin_hat.clamp_min(0).sum((-2, -1)).mean(0)
+    active = ex.norm_ordin.alpha > 1e-6
+    assert torch.allclose(mags[active], torch.ones_like(mags[active]), atol=1e-5)
+
+
+def test_p_rises_under_minus_eta_log_p(tmp_path):
+    """Only -eta log p (no reconstruction, no filter loss): d/dw_p = -eta (1 - p), so plain SGD
+    moves w_p by lr * eta * (1 - p) per step."""
+    perf = gap_performer()
+    c = cfg(tmp_path, lambda_rec=0.0, lambda_f_scale=0.0, optimizer="sgd", momentum=0.0, p_lr=1e-7, lr=0.0)
+    res = train_explainer(perf, tiny_set(n=8), c)  # 2 steps
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    w1 = 1e-7 * 1e6 * (1 - sig(0.0))
+    w2 = w1 + 1e-7 * 1e6 * (1 - sig(w1))
+    assert res.explainer.w_p.item() == pytest.approx(w2, rel=1e-5)
+    assert res.history[0]["p"] == pytest.approx((0.5 + sig(w1)) / 2, rel=1e-5)  # epoch mean of p
+
+
+# --------------------------------------------------------------------------------- gradients
+
+
+def _loss_setup(perf, **kw):
+    ex = build_explainer(perf).train()
+    c = ExplainerConfig(**kw)
+    x = torch.rand(4, 3, 16, 16)
+    pf = performer_targets(perf, x, "stem", ex.targets)
+    o = ex(pf.read)
+    loss = ExplainerLoss(ex, (8, 8), c, eta=kw.get("eta", 1e6))
+    return ex, loss, o, pf
+
+
+def test_filter_loss_sends_no_gradient_into_the_ordinary_track():
+    perf = fc_performer()
+    ex, loss, o, pf = _loss_setup(perf, eta=0.0)
+    loss.lambda_l.zero_()  # no reconstruction: the filter losses alone
+    loss.rec_norm.fill_(1.0)
+    loss.f_norm.fill_(1.0)  # lambda_f = 1/300
+    total, _ = loss(o, pf, epoch=1)
+    total.backward()
+    assert ex.ordin.conv.weight.grad is None or not ex.ordin.conv.weight.grad.any()
+    assert ex.layers["interp2"].body.conv.weight.grad.abs().sum() > 0
+    assert ex.layers["interp1"].body.conv.weight.grad.abs().sum() > 0
+    assert ex.w_p.grad is not None and ex.w_p.grad.item() != 0  # the filter loss acts on p
+
+
+def test_reconstruction_does_reach_the_ordinary_track():
+    perf = fc_performer()
+    ex, loss, o, pf = _loss_setup(perf, eta=0.0)
+    loss.lambda_l.fill_(1.0)
+    total, _ = loss(o, pf, epoch=1)
+    total.backward()
+    assert ex.ordin.conv.weight.grad.abs().sum() > 0
+
+
+def test_lambda_f_follows_the_appendix_schedule():
+    perf = fc_performer()
+    ex, loss, o, pf = _loss_setup(perf)
+    loss.lambda_l.fill_(1.0)
+    assert torch.equal(loss.lambda_f(1), torch.zeros(2, 6))  # no estimate before the first step
+    total, _ = loss(o, pf, epoch=1)
+    total.backward()
+    loss.after_backward(float(o.p.detach()))
+    assert (loss.rec_norm > 0).any() and (loss.f_norm > 0).any()
+    ratio = torch.where(loss.f_norm > 0, loss.rec_norm / loss.f_norm, torch.zeros_like(loss.f_norm))
+    assert torch.allclose(loss.lambda_f(1), ratio / 300)
+    assert torch.allclose(loss.lambda_f(3), ratio / 900)
+
+
+def test_lambda_l_is_5e4_over_the_mean_norm_of_the_positive_part():
+    perf = fc_performer()
+    ex, loss, _, _ = _loss_setup(perf)
+    a = torch.tensor([[3.0, -4.0], [0.0, -1.0]])  # ||max(x, 0)|| = 3, 0
+    b = torch.tensor([[3.0, 4.0], [6.0, 8.0]])  # 5, 10
+    loss.estimate_lambda_l([[a, b]])
+    assert torch.allclose(loss.lambda_l, torch.tensor([5e4 / 1.5, 5e4 / 7.5]))
+
+
+# --------------------------------------------------------------------------------- performer untouched
+
+
+def test_performer_is_bit_identical_after_training_and_evaluation(tmp_path):
+    perf = gap_performer()
+    perf.train()  # its mode too is restored
+    before = {k: v.clone() for k, v in perf.state_dict().items()}
+    x = torch.stack([tiny_set("test", 4)[i]["image"] for i in range(4)])
+    perf.eval()
+    out_before = perf(x).clone()
+    perf.train()
+    res = train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=2))
+    assert perf.training
+    evaluate_explainer(perf, res.explainer, tiny_set("test", 4), top_k=3, reference_draws=1)
+    assert perf.training
+    after = perf.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in perf.parameters())
+    perf.eval()
+    assert torch.equal(perf(x), out_before)
+
+
+# --------------------------------------------------------------------------------- end to end
+
+
+def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    from icnn.cli import main
+    from icnn.models import registry
+    from icnn.models.small_cnn import small_cnn
+    from icnn.training import TrainConfig
+    from icnn.training.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(registry.MODELS, "small_cnn_w2", lambda **kw: small_cnn(width=2, **kw))
+    tcfg = TrainConfig(arch="small_cnn_w2", interpretable=False, image_size=32, dataset_kwargs={"num_samples": 8},
+                       out=str(tmp_path / "perf"))  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32)
+    save_checkpoint(tmp_path / "perf", model, {"epoch": 1}, tcfg.to_dict())
+    out = tmp_path / "ex"
+    argv = ["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--top-k", "4", "--panels", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("p", "performer_error", "explainer_error", "delta_error", "explainer/location_instability",
+                "performer_top/location_instability", "performer_read/location_instability", "instability_ratio"):  # fmt: skip
+        assert math.isfinite(m[key]), key
+    assert 0 < m["p"] < 1
+    assert (out / "report.html").read_text().count("<img") >= 2  # explainer and performer panels
+    assert main(argv) == 2  # --out holds a run
+    assert "already holds a run" in capsys.readouterr().err
+    argv[argv.index("--epochs") + 1] = "2"
+    assert main([*argv, "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert main(["explain", "--performer", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "--performer" in capsys.readouterr().err
