@@ -17,3 +17,7 @@ __all__ = [
 from .loss import FilterLoss, FilterLossConfig, mi_decomposition, mutual_information_loss  # noqa: E402
 
 __all__ += ["FilterLoss", "FilterLossConfig", "mi_decomposition", "mutual_information_loss"]
+
+from .models import InterpretableNet, build_model, make_interpretable  # noqa: E402
+
+__all__ += ["InterpretableNet", "build_model", "make_interpretable"]

@@ -44,6 +44,7 @@ SCHEDULES = ("paper", "mean_max", "inverse_epoch", "constant")
 WEIGHT_NORMS = ("batch_mean", "none")
 Z_ESTIMATES = ("running", "epoch", "batch")
 P_X = ("footnote", "exact")
+MAP_NORMS = ("none", "batch")
 
 # log of the largest weight we let through in float32 (exp(80) ~ 5.5e34 < 3.4e38).
 _LOG_WEIGHT_CAP = 80.0
@@ -183,6 +184,8 @@ class FilterLossConfig:
     alpha: float | None = None  # prior of positive templates (None: n^2 / (1 + n^2))
     distance: str = "l1"  # "l1" (paper) or "l2" (round templates)
     mu: str = "argmax"  # part location for T^: "argmax" (paper) or "centroid"
+    map_norm: str = "none"  # "none": the paper's tr(x.T); "batch": maps divided by the batch mean of max_ij x (scale-free)
+    sharpness: float = 1.0  # with map_norm="batch": templates are sharpness * shape (replaces tau)
 
     def __post_init__(self):
         for name, allowed in (
@@ -193,11 +196,14 @@ class FilterLossConfig:
             ("p_x", P_X),
             ("distance", DISTANCES),
             ("mu", MU_MODES),
+            ("map_norm", MAP_NORMS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.lambda_ < 0 or not math.isfinite(self.lambda_):
             raise ValueError(f"filter loss lambda must be a finite number >= 0, got {self.lambda_}")
+        if not (self.sharpness > 0 and math.isfinite(self.sharpness)):
+            raise ValueError(f"filter loss sharpness must be a finite number > 0, got {self.sharpness}")
         if not 0.0 <= self.z_momentum < 1.0:
             raise ValueError(f"filter loss z_momentum must lie in [0, 1), got {self.z_momentum}")
 
@@ -221,6 +227,12 @@ def _all_reduce_sum(*tensors: torch.Tensor) -> None:
     if _dist_ready():
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
 
 
 def _all_reduce_logsumexp(lse: torch.Tensor) -> torch.Tensor:
@@ -281,7 +293,10 @@ class FilterLoss(nn.Module):
         h, w = map_size
         self.num_filters, self.num_classes, self.map_size = int(num_filters), int(num_classes), (int(h), int(w))
         self.negative_class = negative_class
-        self.tau = default_tau(h, w) if cfg.tau is None else float(cfg.tau)
+        if cfg.map_norm == "batch":
+            self.tau = float(cfg.sharpness)  # maps are normalised to peak ~1: templates = sharpness * shape
+        else:
+            self.tau = default_tau(h, w) if cfg.tau is None else float(cfg.tau)
         self.alpha = default_alpha(h, w) if cfg.alpha is None else float(cfg.alpha)
         n_t = h * w + 1
         # Derived, not state: rebuilt from the config, so not saved.
@@ -386,11 +401,19 @@ class FilterLoss(nn.Module):
         labels = labels.reshape(-1).long()
         cfg = self.config
         xf = x.float()
+        if cfg.map_norm == "batch":
+            # Scale-free maps: divide each filter's maps by their batch mean of max_ij x (with
+            # gradient, like a norm layer), so the loss cannot be lowered by scaling activations
+            # up -- only by where, and on which images, a filter fires.
+            scale = xf.amax(dim=(-2, -1)).mean(0)  # (C,)
+            if _dist_ready():
+                scale = scale + (_all_reduce_mean(scale.detach()) - scale.detach())
+            xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
         # Template scores of every map: Z_T statistics, p(x), diagnostics. Differentiable only
         # in exact mode; the paper's gradient needs just tr(x.T^) (computed below).
         with torch.set_grad_enabled(cfg.mode != "paper" and torch.is_grad_enabled()):
             scores = _template_scores(xf, self.templates)  # (B, C, T)
-        self._update_statistics(xf.detach(), scores.detach(), labels)
+        self._update_statistics(x.detach().float(), scores.detach(), labels)  # raw maps: lambda, targets, silence
         lam = self.lambdas().to(xf.dtype)  # (C,)
 
         with torch.no_grad():

@@ -259,3 +259,21 @@ def test_posterior_mode_gradient_and_saturation():
     fl2 = FilterLoss(1, 2, (3, 3), mode="posterior", lambda_=1.0, schedule="constant", z_estimate="batch", negative_class=0)
     fl2(big, torch.tensor([1, 0])).backward()
     assert torch.isfinite(big.grad).all() and big.grad[0].abs().max() < 1e-6
+
+
+def test_batch_map_norm_is_scale_free():
+    g = torch.Generator().manual_seed(8)
+    x = torch.relu(torch.randn(6, 3, 4, 4, generator=g)) * 3
+    labels = torch.tensor([1, 0, 1, 0, 1, 1])
+    values, grads = [], []
+    for scale in (1.0, 50.0):
+        xx = (x * scale).requires_grad_()
+        fl = FilterLoss(3, 2, (4, 4), mode="posterior", map_norm="batch", sharpness=2.0, lambda_=1.0,
+                        schedule="constant", z_estimate="batch", negative_class=0)
+        values.append(fl(xx, labels))
+        values[-1].backward()
+        grads.append(xx.grad * scale)  # d/dx of a scale-free loss scales as 1/scale
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    # no incentive to grow: the gradient is orthogonal to scaling all maps of a filter
+    assert abs(float((grads[0] * x).sum())) < 1e-4

@@ -6,6 +6,15 @@ Grad-CAM (Captum adapters) and activation maximisation.
 """
 
 from .actmax import ActivationMaximization, ActMaxConfig, ActMaxResult
+from .contributions import (
+    ContributionError,
+    FilterParts,
+    PartContributions,
+    assign_filter_parts,
+    dataset_part_contributions,
+    filter_contributions,
+    part_contributions,
+)
 from .base import Attribution, AttributionError, minmax_normalize, resolve_layer, select_output
 from .deconvnet import Deconvnet
 from .gradcam import GradCAM
@@ -18,6 +27,13 @@ __all__ = [
     "ActivationMaximization",
     "Attribution",
     "AttributionError",
+    "ContributionError",
+    "FilterParts",
+    "PartContributions",
+    "assign_filter_parts",
+    "dataset_part_contributions",
+    "filter_contributions",
+    "part_contributions",
     "Deconvnet",
     "GradCAM",
     "GuidedBackprop",

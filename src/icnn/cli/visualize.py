@@ -56,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(OUT/<image>.<method>.png) and an HTML section (OUT/visualizations.html; --report adds it "
         "to a run's report).",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run's output folder or its checkpoint/ folder (model.safetensors + config.json)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run's output folder or its checkpoint/ folder (model.safetensors, state.pt, config.json)")
     p.add_argument("--images", required=True, nargs="+", metavar="PATH", help="image files and/or folders of images")
     p.add_argument("--method", nargs="+", default=["gradcam"], metavar="NAME", help=f"one or more of: {', '.join(METHODS)} (default gradcam)")
     p.add_argument("--layer", default="new", help="layer for gradcam/actmax/contributions: 'new', 'top' or a dotted module name (default new)")
