@@ -1,0 +1,76 @@
+"""The main job end to end at tiny size: icnn compare, then icnn evaluate on one of its runs."""
+
+import json
+import math
+
+import pytest
+
+from icnn.cli import main
+
+TINY = ["--epochs", "1", "--train-samples", "16", "--test-samples", "16", "--batch-size", "8", "--image-size", "32",
+        "--no-progress", "--eval-batch-size", "8"]
+
+
+def _finite_numbers(obj, path="$"):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _finite_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _finite_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield path, obj
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert main(["compare", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_compare_writes_metrics_and_report(compare_run):
+    metrics = json.loads((compare_run / "metrics.json").read_text())
+    for name in ("ordinary", "interpretable"):
+        m = metrics[name]
+        for key in ("location_instability", "part_interpretability", "accuracy"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
+        assert set(m["instability_references"]) >= {"random_unit", "best_fixed_unit"}
+        assert 0.0 <= m["accuracy"] <= 1.0
+    assert metrics["config"]["arch"] == "small_cnn" and metrics["config"]["epochs"] == 1
+    assert metrics["icnn_version"]
+    assert set(metrics["ratios"]) >= {"location_instability", "accuracy"}
+    # strict JSON: NaN never written, every number finite
+    assert "NaN" not in (compare_run / "metrics.json").read_text()
+    for path, value in _finite_numbers(metrics):
+        assert math.isfinite(value), path
+    html = (compare_run / "report.html").read_text()
+    assert "ordinary" in html and "interpretable" in html and "data:image/png;base64" in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_compare_again_resumes_without_retraining(compare_run, capsys):
+    assert main(["compare", "--out", str(compare_run), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "(resuming)" in err
+
+
+def test_evaluate_a_compare_run(compare_run, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(compare_run / "interpretable"), "--dataset-option", "num_samples=16",
+                 "--out", str(out), "--eval-batch-size", "8"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(m["interpretable"]["location_instability"])
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_bad_arguments_one_line_exit_2(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "x"), "--arch", "nonet", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("icnn: error: --arch nonet")
+    assert main(["compare", "--out", str(tmp_path / "y"), "--batch-size", "0", "--epochs", "1"]) == 2
+    assert "batch" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["compare", "--out", str(tmp_path / "z"), "--dataset", "cub200", "--root", str(tmp_path / "nope")]) == 2
+    assert "--root" in capsys.readouterr().err
