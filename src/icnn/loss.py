@@ -173,6 +173,7 @@ class FilterLossConfig:
 
     mode: str = "paper"  # "paper": Eq. 4 approximate gradient; "exact": autograd of Eq. 1 over the batch; "posterior": -log p(T^|x)
     lambda_: float = 0.01  # base weight; the schedule scales it
+    warmup_epochs: int = 0  # lambda = 0 for the first epochs (train the task first, then the filters); t counts from here
     schedule: str = "inverse_epoch"  # "paper": lambda_*mean max x/t; "mean_max": lambda_*mean max x; "inverse_epoch": lambda_/t; "constant"
     weight_norm: str = "batch_mean"  # Eq. 4 weights divided by their mean magnitude per filter in the batch, or "none"
     z_estimate: str = "running"  # Z_T: "running" (EMA across batches), "epoch" (mean over the epoch so far), "batch"
@@ -204,6 +205,8 @@ class FilterLossConfig:
             raise ValueError(f"filter loss lambda must be a finite number >= 0, got {self.lambda_}")
         if not (self.sharpness > 0 and math.isfinite(self.sharpness)):
             raise ValueError(f"filter loss sharpness must be a finite number > 0, got {self.sharpness}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"filter loss warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0.0 <= self.z_momentum < 1.0:
             raise ValueError(f"filter loss z_momentum must lie in [0, 1), got {self.z_momentum}")
 
@@ -347,8 +350,10 @@ class FilterLoss(nn.Module):
 
     def lambdas(self) -> torch.Tensor:
         """Per-filter weight ``lambda_f`` ``(C,)`` of the current epoch."""
-        cfg, t = self.config, float(self.epoch.item())
-        lam = torch.full((self.num_filters,), cfg.lambda_, dtype=torch.float64, device=self.max_sum.device)
+        cfg = self.config
+        t = float(self.epoch.item()) - cfg.warmup_epochs  # epochs of filter-loss training, 1-based
+        lam = torch.full((self.num_filters,), cfg.lambda_ if t >= 1 else 0.0, dtype=torch.float64, device=self.max_sum.device)
+        t = max(t, 1.0)
         if cfg.schedule in ("paper", "mean_max"):
             lam = lam * (self.max_sum / self.map_count.clamp_min(1.0))
         if cfg.schedule in ("paper", "inverse_epoch"):

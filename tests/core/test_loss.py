@@ -277,3 +277,14 @@ def test_batch_map_norm_is_scale_free():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     # no incentive to grow: the gradient is orthogonal to scaling all maps of a filter
     assert abs(float((grads[0] * x).sum())) < 1e-4
+
+
+def test_warmup_epochs_delay_lambda():
+    x = torch.rand(2, 1, 2, 2)
+    fl = FilterLoss(1, 2, (2, 2), lambda_=0.4, schedule="inverse_epoch", warmup_epochs=2, negative_class=0)
+    got = []
+    for epoch in (1, 2, 3, 4):
+        fl.start_epoch(epoch)
+        fl(x, torch.tensor([1, 0]))
+        got.append(fl.diagnostics()["lambda"])
+    assert got == [0.0, 0.0, pytest.approx(0.4), pytest.approx(0.2)]

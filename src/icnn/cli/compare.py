@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import UsageError
 
 # The built-in default: the synthetic part world at 64 px, a small CNN, minutes on a CPU.
@@ -30,6 +32,9 @@ SYNTHETIC_DEFAULTS = {
 }
 TRAIN_SAMPLES = 2000  # synthetic training images (half positives)
 TEST_SAMPLES = 400  # synthetic test images
+PRETRAIN_EPOCHS = 6  # synthetic: epochs of the shared multi-category pretraining (the paper's ImageNet stage)
+PRETRAIN_SAMPLES = 3000  # synthetic scenes of all categories for that pretraining
+BACKBONE_PREFIXES = ("normalize.", "stem.", "layers.top.")  # what pretraining hands to both twins
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,6 +57,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("compare")
     g.add_argument("--train-samples", type=int, default=None, metavar="N", help=f"synthetic training images (default {TRAIN_SAMPLES})")
     g.add_argument("--test-samples", type=int, default=None, metavar="N", help=f"synthetic test images (default {TEST_SAMPLES})")
+    g.add_argument("--pretrain-epochs", type=int, default=None, metavar="N",
+                   help=f"synthetic: first pretrain one ordinary backbone for N epochs on the multi-category task "
+                        f"({PRETRAIN_SAMPLES} scenes of every category), then fine-tune both twins from it, as the paper "
+                        f"fine-tunes ImageNet-pretrained backbones (default {PRETRAIN_EPOCHS}; 0: both twins from scratch)")
+    g.add_argument("--pretrain-samples", type=int, default=PRETRAIN_SAMPLES, metavar="N",
+                   help=f"synthetic scenes for the pretraining (default {PRETRAIN_SAMPLES})")
     g.add_argument("--split", default="test", metavar="SPLIT", help="split the two networks are evaluated on (default test)")
     add_eval_arguments(p)
     return p
@@ -85,22 +96,53 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def _train_twin(cfg, name: str, out: Path):
-    """Train (or resume, or reload) one twin into ``out/name``."""
+def _existing_run(run_dir: Path):
+    from icnn.training.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(run_dir)
+    except CheckpointError:
+        return None
+
+
+def pretrain_backbone(cfg, out: Path, epochs: int, samples: int = PRETRAIN_SAMPLES) -> dict:
+    """The shared starting point of both twins: an ordinary network trained on the synthetic
+    multi-category task (every category and background scenes), like the paper's ImageNet
+    pretraining. Returns its backbone tensors (``normalize``, ``stem``, ``layers.top``)."""
     from icnn.training import train
-    from icnn.training.checkpoint import CheckpointError, load_model, resolve_checkpoint
+    from icnn.training.checkpoint import load_model
+
+    run_dir = out / "pretrain"
+    kwargs = {k: v for k, v in cfg.dataset_kwargs.items() if k not in ("num_samples", "category", "margin")}
+    pre = dataclasses.replace(cfg, task="multi", multi_loss="softmax", interpretable=False, epochs=epochs, out=str(run_dir),
+                              dataset_kwargs={**kwargs, "num_samples": samples}, filter_loss={})
+    resume = _existing_run(run_dir)
+    print(f"[pretrain] {pre.arch} on the multi-category task for {epochs} epochs" + (" (resuming)" if resume else ""),
+          file=sys.stderr)
+    train(pre, resume=resume)
+    model, _, _ = load_model(run_dir, device="cpu")
+    return {k: v for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+
+
+def _train_twin(cfg, name: str, out: Path, backbone: dict | None = None, num_classes: int = 1):
+    """Train (or resume, or reload) one twin into ``out/name``, from ``backbone`` if given."""
+    from icnn.training import train
+    from icnn.training.checkpoint import load_model
+    from icnn.training.engine import build_model_for
 
     run_dir = out / name
     twin = dataclasses.replace(cfg, interpretable=(name == "interpretable"), out=str(run_dir))
-    resume = None
-    try:
-        ckpt = resolve_checkpoint(run_dir)
-        resume = ckpt
-    except CheckpointError:
-        pass
+    resume = _existing_run(run_dir)
+    model = None
+    if backbone is not None and resume is None:
+        torch.manual_seed(cfg.seed)  # new layer and head: the same initial weights in both twins
+        model = build_model_for(twin, num_classes)
+        missing = model.load_state_dict(backbone, strict=False)
+        if missing.unexpected_keys:
+            raise UsageError(f"pretrained backbone does not fit {twin.arch}: {missing.unexpected_keys[0]}")
     print(f"[{name}] training {twin.arch} for {twin.epochs} epochs" + (" (resuming)" if resume else ""), file=sys.stderr)
     t0 = time.perf_counter()
-    result = train(twin, resume=resume)
+    result = train(twin, resume=resume, model=model)
     seconds = time.perf_counter() - t0
     model, _, state = load_model(result.checkpoint or run_dir, device="cpu")
     history = result.history[-1] if result.history else {}
@@ -119,8 +161,6 @@ def ratios(ordinary: dict, interpretable: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from icnn import __version__
     from icnn.evaluate import evaluate, json_safe
     from icnn.report.run import write_comparison_report
@@ -143,8 +183,18 @@ def run(args: argparse.Namespace) -> int:
     test_set = dataset_for(cfg, split=args.split, options=options)
 
     runs, timing, results = {}, {}, {}
+    pretrain = args.pretrain_epochs if args.pretrain_epochs is not None else (PRETRAIN_EPOCHS if cfg.dataset == "synthetic" else 0)
+    if pretrain < 0:
+        raise UsageError(f"--pretrain-epochs {pretrain}: must be >= 0")
+    if pretrain and cfg.dataset != "synthetic":
+        raise UsageError("--pretrain-epochs: only for the synthetic dataset (real data: pass --weights FILE)")
+    backbone = None
+    if pretrain:
+        t0 = time.perf_counter()
+        backbone = pretrain_backbone(cfg, out, pretrain, args.pretrain_samples)
+        timing["pretrain"] = time.perf_counter() - t0
     for name in ("ordinary", "interpretable"):
-        model, state, seconds, _ = _train_twin(cfg, name, out)
+        model, state, seconds, _ = _train_twin(cfg, name, out, backbone, 1 if cfg.task == "single" else len(test_set.classes))
         timing[name] = seconds
         print(f"[{name}] evaluating on {len(test_set)} {args.split} images", file=sys.stderr)
         model = model.to(device)
@@ -155,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary_line(name, result.metrics))
 
     metrics = {
+        "pretrain_epochs": pretrain,
         "ordinary": results["ordinary"],
         "interpretable": results["interpretable"],
         "ratios": ratios(results["ordinary"], results["interpretable"]),
