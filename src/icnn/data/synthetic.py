@@ -713,12 +713,27 @@ def _sample(out: dict, label: int, index: int) -> dict:
     }
 
 
+# Samples are deterministic per (seed, split, index), so a generated sample can be kept and
+# served again: training epochs then cost no generation. Kept only while the whole set fits here.
+CACHE_BYTES = 1 << 30
+
+
 class _SyntheticBase(Dataset):
     part_names = PART_NAMES
     landmark_names = PART_NAMES
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        cache = self.__dict__.setdefault("_cache", {})
+        if index in cache:
+            return {k: v.clone() for k, v in cache[index].items()}
+        sample = self._make(index)
+        h, w = self.image_size
+        if self.num_samples * h * w * (3 * 4 + len(self.part_names)) <= CACHE_BYTES:
+            cache[int(index)] = {k: v.clone() for k, v in sample.items()}
+        return sample
 
     def _rng(self, index: int, stream: int) -> tuple[np.random.Generator, int]:
         """The generator of sample ``index`` (negative indices count from the end)."""
@@ -767,7 +782,7 @@ class SyntheticParts(_SyntheticBase):
         category = None if negative else int(rng.integers(self.num_categories))
         return self.world.scene(rng, category, size=_scene_size(self.image_size)), rng, index
 
-    def __getitem__(self, index: int) -> dict:
+    def _make(self, index: int) -> dict:
         scene, rng, index = self.scene(index)
         out = self.world.render(scene, self.image_size, rng=rng)
         label = scene.category if scene.category >= 0 else self.num_categories
@@ -817,7 +832,7 @@ class SyntheticSingleCategory(_SyntheticBase):
         scene = self.world.scene(rng, category, size=_scene_size(self.image_size), exclude=(self.target,))
         return scene, rng, index
 
-    def __getitem__(self, index: int) -> dict:
+    def _make(self, index: int) -> dict:
         scene, rng, index = self.scene(index)
         positive = scene.category == self.target
         view = crop_view(scene.box, self.crop_margin, self.square_crop) if positive else None
