@@ -521,9 +521,6 @@ class FilterLoss(nn.Module):
         tr_hat = self.tau * (x * shape).sum((-2, -1))
         if cfg.mu != "argmax":
             tr_hat = torch.where(is_target, tr_hat, -self.tau * x.sum((-2, -1)))
-        if cfg.weight_norm == "batch_mean":
-            # normalised weights act on the template shape (t^ / tau), so lambda is scale-free
-            tr_hat = tr_hat / self.tau
         surrogate = (weights * tr_hat).sum(0) / b  # (C,)
         return surrogate, weights
 
