@@ -24,7 +24,7 @@ from . import UsageError
 SYNTHETIC_DEFAULTS = {
     "arch": "small_cnn",
     "image_size": 64,
-    "epochs": 10,
+    "epochs": 8,
     "batch_size": 32,
     "lr": 0.03,
     "lr_schedule": "cosine",
@@ -32,7 +32,7 @@ SYNTHETIC_DEFAULTS = {
 }
 TRAIN_SAMPLES = 2000  # synthetic training images (half positives)
 TEST_SAMPLES = 400  # synthetic test images
-PRETRAIN_EPOCHS = 6  # synthetic: epochs of the shared multi-category pretraining (the paper's ImageNet stage)
+PRETRAIN_EPOCHS = 4  # synthetic: epochs of the shared multi-category pretraining (the paper's ImageNet stage)
 PRETRAIN_SAMPLES = 3000  # synthetic scenes of all categories for that pretraining
 BACKBONE_PREFIXES = ("normalize.", "stem.", "layers.top.")  # what pretraining hands to both twins
 
