@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torchvision
 from torch import nn
 
 from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, linear_head, make_interpretable
@@ -23,7 +22,7 @@ from .weights import WeightsError, load_backbone_weights
 
 
 def resnet_net(
-    backbone: torchvision.models.ResNet,
+    backbone: nn.Module,
     *,
     arch: str,
     num_classes: int,
@@ -53,12 +52,16 @@ def resnet_net(
 @register_model
 def resnet18(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
     """ResNet-18; ``weights``: a torchvision ``resnet18`` state dict file."""
-    return resnet_net(torchvision.models.resnet18(weights=None), arch="resnet18", num_classes=num_classes,
+    from torchvision.models import resnet18 as tv_resnet18  # imported here: torchvision.models is slow to import
+
+    return resnet_net(tv_resnet18(weights=None), arch="resnet18", num_classes=num_classes,
                       interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip
 
 
 @register_model
 def resnet50(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
     """ResNet-50; ``weights``: a torchvision ``resnet50`` state dict file."""
-    return resnet_net(torchvision.models.resnet50(weights=None), arch="resnet50", num_classes=num_classes,
+    from torchvision.models import resnet50 as tv_resnet50
+
+    return resnet_net(tv_resnet50(weights=None), arch="resnet50", num_classes=num_classes,
                       interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip
