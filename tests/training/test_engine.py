@@ -199,3 +199,29 @@ def test_config_from_dict_is_strict():
     with pytest.raises(ConfigError, match="optimizer: must be one of sgd, adam"):
         TrainConfig.from_dict({"optimizer": "rmsprop"})
     assert TrainConfig.from_dict({"lr": 1}).lr == 1.0 and isinstance(TrainConfig.from_dict({"lr": 1}).lr, float)
+
+
+def test_filter_loss_layers_and_maps_options(tmp_path, monkeypatch):
+    # "layers": only the named interpretable layers carry a filter loss
+    cfg = _cfg(tmp_path / "a", epochs=1, filter_loss={"lambda_": 0.05, "layers": ["new"]})
+    row = train(cfg, model=tiny_net(), train_set=TinyParts(8)).history[0]
+    assert any(k.startswith("filter/new") for k in row) and not any(k.startswith("filter/top") for k in row)
+    with pytest.raises(ConfigError, match="unknown layer 'fc9'"):
+        train(_cfg(tmp_path / "b", epochs=1, filter_loss={"layers": ["fc9"]}), model=tiny_net(), train_set=TinyParts(8))
+    # "on": the losses read the masked maps instead of the ReLU maps
+    seen = []
+    real_forward = FilterLoss.forward
+
+    def spy(self, x, labels):
+        seen.append(x.detach().clone())
+        return real_forward(self, x, labels)
+
+    monkeypatch.setattr(FilterLoss, "forward", spy)
+    model = tiny_net()
+    train(_cfg(tmp_path / "c", epochs=1, batch_size=8, lr=1e-9, filter_loss={"lambda_": 0.0, "on": "masked", "layers": "new"}),
+          model=model, train_set=TinyParts(8))
+    assert len(seen) == 1
+    m = model.layers["new"].mask.mask(seen[0])
+    assert (seen[0][m <= 0] == 0).all() and (seen[0] > 0).any()  # masked maps: zero wherever the template is <= 0
+    with pytest.raises(ConfigError, match="on must be"):
+        train(_cfg(tmp_path / "d", epochs=1, filter_loss={"on": "pre"}), model=tiny_net(), train_set=TinyParts(8))

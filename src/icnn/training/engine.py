@@ -67,18 +67,21 @@ def seed_everything(seed: int) -> None:
 
 
 class ForwardWithMaps(nn.Module):
-    """``x -> (logits, relu maps)`` in one ``forward``, so DDP and torch.compile see one call.
+    """``x -> (logits, maps)`` in one ``forward``, so DDP and torch.compile see one call.
 
-    ``model`` is an ``InterpretableNet`` (``forward_features`` / ``forward_head``).
+    ``model`` is an ``InterpretableNet`` (``forward_features`` / ``forward_head``); ``on`` picks
+    the maps the filter losses read: ``"relu"`` (the paper: after ReLU, before the mask) or
+    ``"masked"`` (after the mask).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, on: str = "relu"):
         super().__init__()
         self.model = model
+        self.on = on
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         feats = self.model.forward_features(x)
-        return self.model.forward_head(feats.out), feats.relu
+        return self.model.forward_head(feats.out), (feats.masked if self.on == "masked" else feats.relu)
 
 
 @torch.no_grad()
@@ -108,12 +111,21 @@ def build_filter_losses(
     so that no filter ever targets the negatives).
     """
     names = getattr(model, "interpretable_layers", tuple(model.layers) if getattr(model, "interpretable", False) else ())
+    kwargs = dict(cfg)
+    kwargs.pop("on", None)  # read by the engine: which maps the losses see
+    layers = kwargs.pop("layers", None)  # which interpretable layers carry a filter loss (default: all)
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        unknown = [n for n in layers if n not in getattr(model, "layers", {})]
+        if unknown:
+            raise ConfigError(f"filter_loss: layers: unknown layer {unknown[0]!r} (choose from {', '.join(model.layers)})")
+        names = tuple(n for n in names if n in layers)
     if not names:
         return nn.ModuleDict()
     from ..loss import FilterLoss
 
     shapes = layer_shapes(model, image_size, device)
-    kwargs = dict(cfg)
     if negative_class is not None:
         kwargs.setdefault("negative_class", negative_class)
     losses = nn.ModuleDict()
@@ -426,7 +438,10 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
         if epoch_done:
             epoch, batches_done, sums = epoch + 1, 0, None
 
-    net: nn.Module = ForwardWithMaps(model)
+    on = cfg.filter_loss.get("on", "relu")
+    if on not in ("relu", "masked"):
+        raise ConfigError(f"filter_loss: on must be 'relu' or 'masked', got {on!r}", field="filter_loss", reason=f"on must be 'relu' or 'masked', got {on!r}")
+    net: nn.Module = ForwardWithMaps(model, on)
     if denv.enabled:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile and device.type == "cuda":
