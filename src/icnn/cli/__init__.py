@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "visualize", "layers")
@@ -48,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
-        # User mistakes are reported in one line. Programming errors (other exceptions) keep
-        # their traceback: they are bugs to report, not messages.
+        # User mistakes are reported in one line (ICNN_DEBUG=1 shows the traceback). Programming
+        # errors (other exceptions) keep their traceback: they are bugs to report, not messages.
+        if os.environ.get("ICNN_DEBUG"):
+            raise
         print(f"icnn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
