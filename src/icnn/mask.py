@@ -51,23 +51,63 @@ class PartMask(nn.Module):
     """Masks each filter's map with the template shape centred at its part location.
 
     Args:
-        beta: template slope (paper: 4).
+        beta: template slope (paper: 4), or ``"adaptive"``: one slope per filter, learned as in
+            the authors' MATLAB code -- it starts at ``beta_init`` (a nearly flat mask) and each
+            training step moves it by ``beta_rate`` towards ``clip(beta_spread / spread,
+            *beta_range)``, where ``spread`` is the filter's activation-weighted spatial spread
+            (units); slopes are in that code's coordinates (the map spans ``[-1, 1]``, so the
+            paper's 4 on an ``n x n`` map is about ``2`` there). Saved in ``state_dict``.
         distance: ``"l1"`` (paper) or ``"l2"`` (round templates).
         mu: ``"argmax"`` (paper) or ``"centroid"`` (original MATLAB code, training).
 
     Shape: ``(B, C, h, w) -> (B, C, h, w)``; any ``h, w``.
     """
 
-    def __init__(self, *, beta: float = 4.0, distance: str = "l1", mu: str = "argmax"):
+    def __init__(
+        self,
+        *,
+        beta: float | str = 4.0,
+        distance: str = "l1",
+        mu: str = "argmax",
+        beta_init: float = 0.1,
+        beta_range: tuple[float, float] = (1.5, 3.0),
+        beta_spread: float = 3.0,
+        beta_rate: float = 0.05,
+    ):
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if mu not in MU_MODES:
             raise ValueError(f"mu must be one of {MU_MODES}, got {mu!r}")
-        self.beta = float(beta)
+        self.adaptive = beta == "adaptive"
+        if not self.adaptive:
+            if isinstance(beta, str) or not float(beta) > 0:
+                raise ValueError(f"beta must be a positive number or 'adaptive', got {beta!r}")
+            self.beta = float(beta)
+        else:
+            lo, hi = (float(v) for v in beta_range)
+            if not (0 < lo <= hi and beta_init > 0 and beta_spread > 0 and 0 < beta_rate <= 1):
+                raise ValueError("adaptive beta needs 0 < beta_range[0] <= beta_range[1], beta_init > 0, "
+                                 f"beta_spread > 0 and 0 < beta_rate <= 1 (got {beta_range}, {beta_init}, {beta_spread}, {beta_rate})")
+            self.beta = "adaptive"
+            self.beta_init, self.beta_range, self.beta_spread, self.beta_rate = float(beta_init), (lo, hi), float(beta_spread), float(beta_rate)
+            # per-filter slopes in the original code's coordinates (map spans [-1, 1]); sized
+            # on the first forward (or by load_state_dict)
+            self.register_buffer("beta_f", torch.empty(0))
         self.distance = distance
         self.mu = mu
+        # 1 = the paper's mask; 0 = identity; in between, ``(1 - s) + s * M``. The training
+        # engine ramps it from 0 to 1 over ``TrainConfig.mask_warmup_epochs`` (a fresh new
+        # layer and head learn too slowly through the full mask); not saved: a model loaded
+        # for inference always applies the full mask.
+        self.strength = 1.0
         self._tables: dict = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "beta_f"
+        if self.adaptive and key in state_dict and state_dict[key].shape != self.beta_f.shape:
+            self.beta_f = torch.empty_like(state_dict[key], device=self.beta_f.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def shape_table(self, h: int, w: int, device, dtype) -> torch.Tensor:
         """All ``h*w`` template shapes ``(h*w, h, w)``, row-major in mu; cached per size."""
@@ -82,6 +122,8 @@ class PartMask(nn.Module):
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The mask ``M`` for every map of ``x``: ``(B, C, h, w)``, no gradient."""
         b, c, h, w = x.shape
+        if self.adaptive:
+            return self._adaptive_mask(x)
         if self.mu == "argmax":
             # a table lookup: the shape centred at each map's argmax unit
             idx = x.reshape(b, c, h * w).argmax(dim=-1)  # (B, C)
@@ -89,8 +131,58 @@ class PartMask(nn.Module):
         mu = locate_parts(x, self.mu)  # (B, C, 2)
         return template_shape(mu, h, w, beta=self.beta, distance=self.distance).to(x.dtype)
 
+    def _adaptive_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The original code's mask (getMask.m): ``max(1 - beta_f * d(ij, mu), -1)`` with ``d``
+        measured on a map spanning ``[-1, 1]`` in each direction and one slope per filter."""
+        b, c, h, w = x.shape
+        if self.beta_f.numel() == 0:
+            self.beta_f = torch.full((c,), self.beta_init, device=x.device, dtype=torch.float32)
+        elif self.beta_f.numel() != c:
+            raise ValueError(f"adaptive PartMask has slopes for {self.beta_f.numel()} filters, got maps of {c}")
+        mu = locate_parts(x, self.mu)  # (B, C, 2) unit coordinates
+        rows = torch.arange(h, device=x.device, dtype=torch.float32)
+        cols = torch.arange(w, device=x.device, dtype=torch.float32)
+        dr = (rows[None, None, :, None] - mu[..., 0, None, None]) * (2.0 / max(h - 1, 1))  # (B, C, h, 1)
+        dc = (cols[None, None, None, :] - mu[..., 1, None, None]) * (2.0 / max(w - 1, 1))  # (B, C, 1, w)
+        d = dr.abs() + dc.abs() if self.distance == "l1" else (dr.square() + dc.square()).sqrt()
+        return torch.clamp(1.0 - self.beta_f[None, :, None, None] * d, min=-1.0).to(x.dtype)  # (B, C, h, w)
+
+    @torch.no_grad()
+    def _update_beta(self, x: torch.Tensor, m: torch.Tensor) -> None:
+        """Moves each filter's slope towards ``clip(spread_c / sqrtvar, lo, hi)`` (the original
+        code's beta update): ``sqrtvar`` is the activation-weighted spatial spread of a map
+        around its centroid (units), averaged over the batch weighted by the masked mean
+        activation; a filter whose activations are concentrated gets a sharper mask."""
+        b, c, h, w = x.shape
+        centre = locate_parts(x, "centroid").round()  # (B, C, 2)
+        rows = torch.arange(h, device=x.device, dtype=x.dtype)
+        cols = torch.arange(w, device=x.device, dtype=x.dtype)
+        d2 = (rows[None, None, :, None] - centre[..., 0, None, None]).square() + (cols[None, None, None, :] - centre[..., 1, None, None]).square()
+        mass = x.sum((-2, -1))  # (B, C)
+        sqrtvar = ((d2 * x).sum((-2, -1)) / mass.clamp_min(1e-9)).sqrt()
+        weight = (x * m).mean((-2, -1)).clamp_min(0.0)  # (B, C)
+        total = weight.sum(0)
+        spread = (weight * sqrtvar).sum(0) / total.clamp_min(1e-30)
+        lo, hi = self.beta_range
+        target = torch.clamp(self.beta_spread / spread.clamp_min(1e-9), lo, hi)
+        step = torch.where(total > 0, self.beta_rate * (target - self.beta_f), torch.zeros_like(target))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(step)
+            step /= torch.distributed.get_world_size()
+        self.beta_f += step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x * self.mask(x))
+        s = self.strength
+        if s <= 0.0 and not self.adaptive:
+            return torch.relu(x)
+        m = self.mask(x)
+        if self.adaptive and self.training and torch.is_grad_enabled():
+            self._update_beta(x.detach().float(), m.float())  # the slope used by the next step
+        if s >= 1.0:
+            return torch.relu(x * m)
+        return torch.relu(x * ((1.0 - s) + s * m))
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, distance={self.distance!r}, mu={self.mu!r}"
+        extra = "" if self.strength >= 1.0 else f", strength={self.strength:g}"
+        beta = repr(self.beta) if self.adaptive else self.beta
+        return f"beta={beta}, distance={self.distance!r}, mu={self.mu!r}{extra}"

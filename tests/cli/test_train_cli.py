@@ -55,6 +55,9 @@ def test_every_flag_has_help():
         (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
         (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: checkpoint /nonexistent/run: no such file or directory"),
         (["--filter-loss", "oops"], "--filter-loss oops: expected KEY=VALUE (e.g. mode=exact)"),
+        (["--mask", "beta"], "--mask beta: expected KEY=VALUE (e.g. beta=adaptive)"),
+        (["--mask", "beta=oops"], "--mask: beta must be a positive number or 'adaptive', got 'oops'"),
+        (["--mask-warmup-epochs", "20"], "--mask-warmup-epochs: must be below epochs (10): the mask must be complete before training ends (got 20.0)"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):

@@ -63,3 +63,61 @@ def test_mask_in_eval_mode_too_and_large_values_finite():
     layer = PartMask().eval()
     out = layer(x)
     assert torch.isfinite(out).all() and out[0, 0, 2, 1] == 2e4 and out[0, 0, 0, 3] == 0
+
+
+def test_mask_strength_interpolates_between_identity_and_the_mask():
+    x = torch.tensor([[0.0, 1.0, 0.0], [2.0, 5.0, 1.0], [0.0, 3.0, 4.0]])[None, None]
+    layer = PartMask()
+    layer.strength = 0.0
+    torch.testing.assert_close(layer(x), x)  # identity on a ReLU map
+    layer.strength = 0.5
+    # shape: centre 1, edge neighbours 1 - 4/3 = -1/3, corners -1; factor (1 - s) + s * shape
+    factor = torch.tensor([[0.0, 1 / 3, 0.0], [1 / 3, 1.0, 1 / 3], [0.0, 1 / 3, 0.0]])
+    torch.testing.assert_close(layer(x), x * factor)
+    assert "strength=0.5" in repr(layer)
+    layer.strength = 1.0
+    torch.testing.assert_close(layer(x), PartMask()(x))
+
+
+def test_adaptive_beta_hand_computed_mask_and_update():
+    layer = PartMask(beta="adaptive")
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, :, 1, 1] = 1.0
+    x[0, 1, 0, 0] = 1.0  # filter 1: two units -> centroid (0.5, 0.5) rounds to (0, 0): spread sqrt(2/2) = 1
+    layer.eval()
+    m = layer.mask(x)
+    # beta_init 0.1 on a map spanning [-1, 1]: one unit = distance 1 -> 1 - 0.1 * d
+    expected = torch.tensor([[0.8, 0.9, 0.8], [0.9, 1.0, 0.9], [0.8, 0.9, 0.8]])
+    torch.testing.assert_close(m[0, 0], expected)
+    assert torch.equal(layer.beta_f, torch.full((2,), 0.1))  # eval: no update
+    layer.train()
+    layer(x)
+    # filter 0: spread 0 -> target clip(3 / 0, 1.5, 3) = 3; filter 1: spread 1 -> target 3
+    torch.testing.assert_close(layer.beta_f, torch.full((2,), 0.1 + 0.05 * (3.0 - 0.1)))
+    y = torch.zeros(1, 1, 5, 5)
+    y[0, 0, 0, 0] = y[0, 0, 4, 4] = 1.0  # centroid (2, 2): spread sqrt(8) -> target clip(3 / 2.83) = 1.5
+    wide = PartMask(beta="adaptive", beta_rate=1.0, mu="centroid")
+    wide.train()
+    wide(y)
+    torch.testing.assert_close(wide.beta_f, torch.tensor([1.5]))
+    with torch.no_grad():  # no grad: no update (evaluation under no_grad in train mode)
+        wide(y * 0 + 1)
+    torch.testing.assert_close(wide.beta_f, torch.tensor([1.5]))
+
+
+def test_adaptive_beta_state_dict_and_errors():
+    import pytest
+
+    a = PartMask(beta="adaptive")
+    a.train()
+    a(torch.rand(2, 4, 5, 5))
+    b = PartMask(beta="adaptive")
+    b.load_state_dict(a.state_dict())  # sized from the checkpoint
+    assert torch.equal(a.beta_f, b.beta_f) and b.beta_f.shape == (4,)
+    assert "beta_f" not in PartMask().state_dict()  # fixed-beta masks keep their old state_dict
+    with pytest.raises(ValueError, match="slopes for 4 filters, got maps of 3"):
+        b.mask(torch.rand(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="beta must be a positive number or 'adaptive'"):
+        PartMask(beta="learned")
+    with pytest.raises(ValueError, match="adaptive beta needs"):
+        PartMask(beta="adaptive", beta_range=(3.0, 1.0))

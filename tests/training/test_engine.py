@@ -225,3 +225,51 @@ def test_filter_loss_layers_and_maps_options(tmp_path, monkeypatch):
     assert (seen[0][m <= 0] == 0).all() and (seen[0] > 0).any()  # masked maps: zero wherever the template is <= 0
     with pytest.raises(ConfigError, match="on must be"):
         train(_cfg(tmp_path / "d", epochs=1, filter_loss={"on": "pre"}), model=tiny_net(), train_set=TinyParts(8))
+
+
+def test_mask_strength_schedule_values():
+    assert engine.mask_strength(0.0, 1, 0, 10) == 1.0  # no warm-up: the paper's mask from the start
+    assert engine.mask_strength(2.0, 1, 0, 10) == 0.0
+    assert engine.mask_strength(2.0, 1, 5, 10) == pytest.approx(0.25)
+    assert engine.mask_strength(2.0, 2, 5, 10) == pytest.approx(0.75)
+    assert engine.mask_strength(2.0, 3, 0, 10) == 1.0
+    assert engine.mask_strength(0.5, 1, 9, 10) == 1.0
+
+
+def test_mask_warmup_ramps_the_masks_during_training(tmp_path, monkeypatch):
+    seen = []
+    real_step = engine.train_step
+
+    def spy(ctx, batch, **kw):
+        seen.append(sorted({m.strength for m in ctx.model.modules() if isinstance(m, engine.PartMask)}))
+        return real_step(ctx, batch, **kw)
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    model = tiny_net()
+    train(_cfg(tmp_path, epochs=2, batch_size=4, mask_warmup_epochs=1.0), model=model, train_set=TinyParts(8))
+    # 2 steps per epoch: strengths 0, 0.5 in epoch 1, then the full mask
+    assert seen == [[0.0], [0.5], [1.0], [1.0]]
+    assert all(m.strength == 1.0 for m in model.modules() if isinstance(m, engine.PartMask))
+    with pytest.raises(ConfigError, match=r"mask_warmup_epochs: must be below epochs \(2\)"):
+        _cfg(tmp_path, epochs=2, mask_warmup_epochs=2.0).validate()
+    with pytest.raises(ConfigError, match="mask_warmup_epochs: must be a finite non-negative number"):
+        _cfg(tmp_path, mask_warmup_epochs=-1.0).validate()
+
+
+def test_mask_options_reach_the_model_and_the_checkpoint(tmp_path):
+    from icnn.training.checkpoint import load_model
+
+    cfg = _cfg(tmp_path, arch="small_cnn", epochs=1, batch_size=8, mask={"beta": "adaptive", "beta_rate": 0.5},
+               filter_loss={"lambda_": 0.0})
+    model = train(cfg, train_set=TinyParts(8), eval_set=TinyParts(4, seed=1)).model
+    masks = [m for m in model.modules() if isinstance(m, engine.PartMask)]
+    assert len(masks) == 2 and all(m.adaptive and m.beta_f.numel() == 128 for m in masks)
+    assert not torch.allclose(masks[0].beta_f, torch.full_like(masks[0].beta_f, 0.1))  # moved during training
+    loaded, loaded_cfg, _ = load_model(tmp_path)
+    for a, b in zip(masks, [m for m in loaded.modules() if isinstance(m, engine.PartMask)]):
+        assert b.adaptive and torch.equal(a.beta_f, b.beta_f)
+    assert loaded_cfg.mask == {"beta": "adaptive", "beta_rate": 0.5}
+    with pytest.raises(ConfigError, match="mask: beta must be a positive number"):
+        _cfg(tmp_path, mask={"beta": "nope"}).validate()
+    with pytest.raises(ConfigError, match="mask: .*unexpected keyword"):
+        _cfg(tmp_path, mask={"bta": 3}).validate()

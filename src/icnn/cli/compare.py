@@ -35,6 +35,11 @@ TEST_SAMPLES = 400  # synthetic test images
 PRETRAIN_EPOCHS = 4  # synthetic: epochs of the shared multi-category pretraining (the paper's ImageNet stage)
 PRETRAIN_SAMPLES = 3000  # synthetic scenes of all categories for that pretraining
 BACKBONE_PREFIXES = ("normalize.", "stem.", "layers.top.")  # what pretraining hands to both twins
+# The fine-tuning recipe of both twins' fresh new layer and head (docs/filter_loss.md): the masks
+# ramp in over the first quarter of the epochs and the filter loss starts after 3/8 of them. With
+# the paper's full masks and loss from step 1 a fresh new layer and head never learn the task.
+MASK_WARMUP_FRACTION = 0.25
+FILTER_WARMUP_FRACTION = 0.375
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -89,6 +94,12 @@ def build_config(args: argparse.Namespace):
     if fl:
         merged["filter_loss"] = {**file_values.get("filter_loss", {}), **fl}
     merged["eval_split"] = None  # evaluation is done once, at the end, by compare itself
+    epochs = merged.get("epochs", TrainConfig.epochs)
+    if "mask_warmup_epochs" not in file_values and "mask_warmup_epochs" not in flags and isinstance(epochs, int):
+        merged["mask_warmup_epochs"] = MASK_WARMUP_FRACTION * epochs
+    merged["filter_loss"] = dict(merged.get("filter_loss", {}))
+    if isinstance(epochs, int):
+        merged["filter_loss"].setdefault("warmup_epochs", int(FILTER_WARMUP_FRACTION * epochs))
     try:
         cfg = TrainConfig.from_dict(merged, source="compare")
     except ConfigError as exc:

@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "lr_schedule": "lr_schedule",
     "backbone_lr_mult": "backbone_lr_mult",
     "grad_clip": "grad_clip",
+    "mask_warmup_epochs": "mask_warmup_epochs",
     "seed": "seed",
     "deterministic": "deterministic",
     "device": "device",
@@ -52,7 +53,7 @@ FLAGS: dict[str, str] = {
     "tensorboard": "tensorboard",
 }
 FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in FLAGS.items()}
-FLAG_OF.update({"negatives_root": "--negatives", "progress": "--no-progress", "interpretable": "--interpretable/--ordinary", "dataset_kwargs": "--dataset-option", "filter_loss": "--filter-loss"})
+FLAG_OF.update({"negatives_root": "--negatives", "progress": "--no-progress", "interpretable": "--interpretable/--ordinary", "dataset_kwargs": "--dataset-option", "filter_loss": "--filter-loss", "mask": "--mask"})
 
 # What a resumed run may change: how it runs, not what it computes.
 RESUME_OVERRIDABLE = {"epochs", "out", "device", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "amp", "compile", "eval_split"}
@@ -88,6 +89,8 @@ def add_train_arguments(p: argparse.ArgumentParser, *, twin_choice: bool = True,
         mode.add_argument("--interpretable", dest="interpretable", action="store_true", default=S, help="train the interpretable network: masks and filter losses (default)")
         mode.add_argument("--ordinary", dest="interpretable", action="store_false", default=S, help="train the ordinary twin: same network, no masks, no filter losses")
     g.add_argument("--lambda", dest="lambda_", type=float, default=S, metavar="X", help="base weight of the filter losses (FilterLoss lambda_; default: the FilterLoss default)")
+    g.add_argument("--mask-warmup-epochs", type=float, default=S, metavar="N", help="ramp the masks in linearly over the first N epochs (a fresh new layer and head learn too slowly through the full mask; default: %s)" % d.mask_warmup_epochs)
+    g.add_argument("--mask", dest="mask_option", action="append", default=S, metavar="KEY=VALUE", help="a PartMask option, e.g. beta=adaptive (the original code's learned per-filter slope), mu=centroid, distance=l2 (repeatable)")
     g.add_argument("--filter-loss", dest="filter_loss", action="append", default=S, metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact or schedule=paper (repeatable)")
 
     g = p.add_argument_group("data")
@@ -161,6 +164,8 @@ def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
         flags["device"] = parse_device(flags["device"])
     if hasattr(args, "dataset_option"):
         flags["dataset_kwargs"] = _key_values("--dataset-option", args.dataset_option, "category=dog")
+    if hasattr(args, "mask_option"):
+        flags["mask"] = _key_values("--mask", args.mask_option, "beta=adaptive")
     return flags
 
 

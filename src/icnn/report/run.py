@@ -60,7 +60,7 @@ def _filter_figures(name: str, model, dataset, result, layer: str, count: int, t
         masked = feats.masked[layer][:, f : f + 1].float().cpu()
         regions = filter_regions(masked, thresholds[f : f + 1], tuple(images.shape[-2:]), centers=geom)[:, 0]
         if mask_layer is not None:
-            m = mask_layer.mask(relu)[0, 0]
+            m = mask_layer.mask(feats.relu[layer][:1].float())[0, f].cpu()  # all filters: per-filter slopes
         else:  # ordinary twin: no mask; show the template the interpretable layer would pick
             from ..mask import PartMask
 

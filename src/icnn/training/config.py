@@ -41,6 +41,8 @@ class TrainConfig:
     weights: str | None = None  # local backbone weights file (torchvision state dict / safetensors); None = random init
     interpretable: bool = True  # True: masks + filter losses on model.layers; False: the ordinary twin
     filter_loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of icnn.FilterLoss (mode, lambda, ...)
+    mask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of icnn.PartMask (beta, distance, mu; beta="adaptive")
+    mask_warmup_epochs: float = 0.0  # masks ramp linearly from identity to the paper's mask over this many epochs (0 = paper)
     # --- data ---
     dataset: str = "synthetic"  # a name in icnn.data (synthetic, cub, pascal_part, ilsvrc_part, custom)
     root: str | None = None  # dataset root directory (None for the synthetic world)
@@ -102,7 +104,7 @@ class TrainConfig:
         for name in ("num_workers", "checkpoint_every", "log_every", "seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "backbone_lr_mult", "grad_clip"):
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "backbone_lr_mult", "grad_clip", "mask_warmup_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
@@ -117,8 +119,20 @@ class TrainConfig:
                 raise bad(name, "must be a string")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
+        if self.mask_warmup_epochs and self.mask_warmup_epochs >= self.epochs:
+            raise bad("mask_warmup_epochs", f"must be below epochs ({self.epochs}): the mask must be complete before training ends")
         if not isinstance(self.filter_loss, dict):
             raise bad("filter_loss", "must be a table of FilterLoss keyword arguments")
+        if not isinstance(self.mask, dict):
+            raise bad("mask", "must be a table of PartMask keyword arguments")
+        if self.mask:
+            from ..mask import PartMask
+
+            try:
+                PartMask(**self.mask)
+            except (TypeError, ValueError) as exc:
+                reason = str(exc).splitlines()[0]
+                raise ConfigError(f"mask: {reason}", field="mask", reason=reason) from None
         if not isinstance(self.dataset_kwargs, dict):
             raise bad("dataset_kwargs", "must be a table of build_dataset keyword arguments")
         return self

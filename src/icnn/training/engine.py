@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..mask import PartMask
 from ..task_loss import TaskLoss, task_loss_for
 from .checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
@@ -194,6 +195,23 @@ class StepContext:
     autocast: Callable[[], Any] = contextlib.nullcontext
     scaler: torch.amp.GradScaler | None = None
     grad_clip: float = 0.0
+    mask_warmup_epochs: float = 0.0  # the masks ramp from identity to full over this many epochs
+
+
+def mask_strength(warmup_epochs: float, epoch: int, batch: int, batches_per_epoch: int) -> float:
+    """Strength of every ``PartMask`` at ``batch`` (0-based) of ``epoch`` (1-based): a linear
+    ramp from 0 (identity) to 1 (the paper's mask) over the first ``warmup_epochs`` epochs."""
+    if warmup_epochs <= 0:
+        return 1.0
+    done = (epoch - 1) + batch / max(batches_per_epoch, 1)  # epochs completed before this step
+    return min(1.0, done / warmup_epochs)
+
+
+def set_mask_strength(model: nn.Module, strength: float) -> None:
+    """Sets ``strength`` of every ``PartMask`` in ``model``."""
+    for module in model.modules():
+        if isinstance(module, PartMask):
+            module.strength = float(strength)
 
 
 # Order of the per-step values gathered into one tensor (one host sync per step).
@@ -293,7 +311,10 @@ def train_one_epoch(
     bar = _progress(loader, enabled=progress, total=len(loader) + batches_done, desc=f"epoch {epoch}")
     if hasattr(bar, "update") and batches_done:
         bar.update(batches_done)
+    n_batches = len(loader) + batches_done
     for batch in bar:
+        if ctx.mask_warmup_epochs > 0:
+            set_mask_strength(ctx.model, mask_strength(ctx.mask_warmup_epochs, epoch, batches_done, n_batches))
         values = train_step(ctx, batch, where=f"at epoch {epoch}, step {step + 1} (batch {batches_done + 1} of the epoch)")
         v = values.double()
         n = v[-1]
@@ -312,6 +333,8 @@ def train_one_epoch(
         if on_step is not None:
             on_step(batches_done, step, sums)
     sums = all_reduce_sum(sums)
+    if ctx.mask_warmup_epochs > 0:  # evaluation after the epoch sees the mask of the next step
+        set_mask_strength(ctx.model, mask_strength(ctx.mask_warmup_epochs, epoch + 1, 0, 1))
     return _summary(ctx.filter_losses, sums), step
 
 
@@ -352,7 +375,8 @@ def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from ..models import build_model  # unknown arch / unreadable weights: icnn.models.ModelError
 
     return build_model(
-        cfg.arch, num_classes=num_classes, interpretable=cfg.interpretable, image_size=cfg.image_size, weights=cfg.weights
+        cfg.arch, num_classes=num_classes, interpretable=cfg.interpretable, image_size=cfg.image_size, weights=cfg.weights,
+        **({"mask": dict(cfg.mask)} if cfg.mask else {}),
     )
 
 
@@ -456,6 +480,7 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
         autocast=lambda: autocast_for(device, cfg),
         scaler=scaler,
         grad_clip=cfg.grad_clip,
+        mask_warmup_epochs=cfg.mask_warmup_epochs,
     )
 
     sampler = EpochSampler(train_set, num_replicas=denv.world_size, rank=denv.rank, shuffle=True, seed=cfg.seed)
