@@ -277,3 +277,54 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert main(["explain", "--performer", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "--performer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- part interpretability
+
+
+class _NoParts:
+    """``tiny_set`` without part annotations (no ``part_names``, no ``part_masks``)."""
+
+    def __init__(self, base):
+        self.base, self.image_size, self.classes = base, base.image_size, base.classes
+        self.landmark_names = base.landmark_names
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return {k: v for k, v in self.base[i].items() if k != "part_masks"}
+
+
+def test_part_interpretability_of_the_three_views_matches_icnn_evaluate_on_the_top_layer():
+    from icnn.evaluate import EvalConfig, evaluate
+
+    perf = gap_performer()
+    ex = build_explainer(perf).eval()
+    data = tiny_set("test", n=16)
+    assert data.part_names
+    # settings where an untrained net's filters do hit parts (the default 0.5% / upsample gives 0 here)
+    settings = dict(quantile=0.05, iou_threshold=0.2, rf_mode="rf")
+    m = evaluate_explainer(perf, ex, data, batch_size=4, top_k=3, reference_draws=1, **settings).metrics
+    for name in ("explainer", "performer_top", "performer_read"):
+        v = m[f"{name}/part_interpretability"]
+        assert math.isfinite(v) and 0.0 <= v <= 1.0, name
+    # the performer's top conv-layer is the layer icnn.evaluate reads by default ("new")
+    assert m["performer_top_layer"] == perf.layer_names[-1] == EvalConfig().layer
+    ref = evaluate(perf, data, EvalConfig(batch_size=4, top_k=3, reference_draws=1, progress=False, **settings))
+    assert ref.metrics["part_interpretability"] > 0  # not a trivial 0 == 0
+    assert m["performer_top/part_interpretability"] == pytest.approx(ref.metrics["part_interpretability"], abs=1e-6)
+    top = m["performer_top/part_interpretability"]
+    assert m["part_interpretability_ratio"] == pytest.approx(m["explainer/part_interpretability"] / top)
+    # exact streaming: the batching does not change any view's value
+    m3 = evaluate_explainer(perf, ex, data, batch_size=3, top_k=3, reference_draws=1, **settings).metrics
+    for name in ("explainer", "performer_top", "performer_read"):
+        assert m3[f"{name}/part_interpretability"] == pytest.approx(m[f"{name}/part_interpretability"], abs=1e-6)
+
+
+def test_part_interpretability_is_skipped_without_part_masks():
+    perf = gap_performer()
+    ex = build_explainer(perf).eval()
+    m = evaluate_explainer(perf, ex, _NoParts(tiny_set("test", n=8)), batch_size=4, top_k=3, reference_draws=1).metrics
+    assert not any("part_interpretability" in k for k in m)
+    assert math.isfinite(m["explainer/location_instability"])  # the rest is still measured
