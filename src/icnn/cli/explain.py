@@ -5,6 +5,11 @@ performer's dataset (or the one named), then evaluates both on ``--eval-split`` 
 ``OUT/metrics.json`` (p, location instability of conv-interp-2 / the performer's top conv-layer /
 the layer read, performer error and error with reconstructed features) and ``OUT/report.html``.
 ``--resume OUT`` continues a stopped run; the performer is never modified.
+
+Under ``torchrun --nproc_per_node=K -m icnn explain ...`` the explainer trains with DDP on K
+processes (``--batch-size`` images per process, global batch K times that; one GPU per process,
+``cuda:LOCAL_RANK``, or gloo on CPU), as ``icnn train`` does; rank 0 alone writes the run, then
+evaluates and writes the metrics and the report, the other processes exit after training.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Explainer networks (Zhang et al., 'Unsupervised learning of neural networks to explain neural networks'): "
             "an auto-encoder attached to a frozen performer disentangles its features into part filters "
             "(interpretable track, share p) plus an ordinary track, and reconstructs the performer's fc features. "
-            "Writes OUT/checkpoint/, OUT/log.csv, OUT/metrics.json and OUT/report.html."
+            "Writes OUT/checkpoint/, OUT/log.csv, OUT/metrics.json and OUT/report.html. "
+            "Many GPUs/processes: torchrun --nproc_per_node=K -m icnn explain ... (--batch-size is per process)."
         ),
     )
     p.set_defaults(func=run)
@@ -59,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--filter-loss", action="append", default=[], metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact (repeatable)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, metavar="N", help=f"default {d.epochs}")
-    g.add_argument("--batch-size", type=int, default=S, metavar="N", help=f"default {d.batch_size}")
+    g.add_argument("--batch-size", type=int, default=S, metavar="N", help=f"images per step and process (default {d.batch_size})")
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=S, help=f"default {d.optimizer}")
     g.add_argument("--lr", type=float, default=S, metavar="X", help=f"default {d.lr}")
     g.add_argument("--p-lr", type=float, default=S, metavar="X", help=f"learning rate of w_p (default {d.p_lr})")
@@ -120,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
     from icnn.training.checkpoint import atomic_write_json
 
     device = parse_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():  # torchrun: one GPU per process, as icnn train
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
     performer, tcfg, dev = load_performer(args.performer, device)
     values = {f: getattr(args, d) for d, f in FLAGS.items() if hasattr(args, d)}
     if args.reconstruct:
@@ -152,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"icnn: error: {exc}", file=sys.stderr)
         return 1
+    if result.rank != 0:  # torchrun: rank 0 evaluates and writes, the others are done
+        return 0
     ev = evaluate_explainer(performer, result.explainer, eval_set, layer=cfg.layer, batch_size=cfg.batch_size,
                             top_k=args.top_k, seed=cfg.seed, num_workers=cfg.num_workers)  # fmt: skip
     metrics = {**ev.metrics, "objective": cfg.objective, "eval_split": args.eval_split, "performer": str(args.performer),

@@ -40,10 +40,16 @@ from torch import nn
 
 from ..mask import PartMask
 from ..models.net import FeatureMaps, InterpretableLayer
+from ..training.distributed import all_reduce_sum
 
 
 class ExplainerError(ValueError):
     """A bad explainer argument (layer, reconstruction target, performer); one line."""
+
+
+def _distributed() -> bool:
+    """A process group with more than one process is initialised (DDP)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 class ChannelNorm(nn.Module):
@@ -53,6 +59,10 @@ class ChannelNorm(nn.Module):
     norm's running statistics: the first batch sets it, then
     ``alpha <- (1 - momentum) alpha + momentum * batch mean``); evaluation uses it as it is.
     ``update=False`` (or a ``weight`` mask selecting no image) skips the update.
+
+    Under ``torch.distributed`` (DDP, more than one process) the batch mean is taken over the
+    global batch (per-process sums and image counts are all-reduced), so every process holds the
+    same ``alpha``, equal to that of one process on the global batch.
 
     Shape: ``(B, C, h, w) -> (B, C, h, w)``.
     """
@@ -65,7 +75,13 @@ class ChannelNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        batch = x.detach().float().clamp_min(0).sum((-2, -1)).mean(0)  # (C,)
+        mags = x.detach().float().clamp_min(0).sum((-2, -1))  # (B, C)
+        if _distributed():
+            # global batch: all-reduce the per-channel sums and the image count together
+            total = all_reduce_sum(torch.cat((mags.sum(0), mags.new_tensor([mags.shape[0]]))))
+            batch = total[:-1] / total[-1].clamp_min(1.0)
+        else:
+            batch = mags.mean(0)  # (C,)
         if self.count.item() == 0:
             self.alpha.copy_(batch)
         else:

@@ -29,6 +29,21 @@ optimises the exact batch ``-MI`` instead (also label-free: its ``T-`` lets a fi
 stay silent on images without its part). ``FilterLoss``'s own lambda is fixed to 1 (schedule
 "constant"): the weight is the ``lambda_f`` above, applied to its gradient.
 
+Many processes: ``torchrun --nproc_per_node=K -m icnn explain ...`` trains with
+DistributedDataParallel exactly as ``icnn train`` does (``icnn.training.distributed``): each
+process takes every K-th image of the same per-epoch permutation (``EpochSampler``), so step ``i``
+of the K processes with ``batch_size`` B each sees the images of step ``i`` of one process with
+batch ``K * B`` (the global batch). Every term of Eq. 1 is a mean over the batch (or, for
+``-eta log p``, the same on every process), so DDP's average of the per-process gradients is the
+gradient of one process on the global batch. Statistics estimated from data are all-reduced, so
+every process holds the values one process on the global batch would: ``lambda_l`` (each process
+measures its shard of the training set), the running gradient norms behind ``lambda_f`` (the
+per-image gradient at ``x_f`` of the DDP objective is this process's divided by K), the
+norm-layers' ``alpha`` (:class:`ChannelNorm`) and ``FilterLoss``'s own statistics. Only rank 0
+writes the checkpoint, logs and ``config.json``; epoch rows are means over all processes. The
+equivalence is exact up to float round-off when the training set divides by K (else
+``EpochSampler`` pads the shards with repeated images, as DistributedSampler does).
+
 "Explainer+cls" (``objective="cls"``) replaces the reconstruction term by ``lambda_cls`` times
 the performer's classification loss on the logits of the reconstructed features (through the
 performer's fc8); it needs labels, and is a baseline, not an explanation.
@@ -45,13 +60,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..loss import FilterLoss
 from ..task_loss import task_loss_for
 from ..training.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..training.distributed import EpochSampler
+from ..training.distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from ..training.engine import NonFiniteLossError, resolve_device, seed_everything
 from ..training.logs import RunLog
 from .model import Explainer, ExplainerError, ExplainerOutput, PerformerFeatures, build_explainer, performer_targets
@@ -76,7 +92,7 @@ class ExplainerConfig:
     w_p_init: float = 0.0  # initial w_p (p = sigmoid(w_p) = 0.5)
     # --- optimisation ---
     epochs: int = 10  # passes over the training set
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step, per process (global batch = batch_size * world size under torchrun)
     optimizer: str = "adam"  # "adam" (scale-free: the paper's loss is ~1e6) or "sgd"
     lr: float = 1e-4  # learning rate of the explainer's weights
     p_lr: float = 5e-2  # learning rate of w_p (Adam: w_p moves about this much per step)
@@ -128,6 +144,11 @@ def default_eta(performer: nn.Module) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # lambda_f: gradient taps
+
+
+def _world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _Tap(torch.autograd.Function):
@@ -183,11 +204,17 @@ class ExplainerLoss(nn.Module):
 
     @torch.no_grad()
     def estimate_lambda_l(self, targets_iter) -> None:
-        """``lambda_l = lambda_rec / E||max(x*_l, 0)||`` from an iterable of ``[x*_l (B, F)]``."""
+        """``lambda_l = lambda_rec / E||max(x*_l, 0)||`` from an iterable of ``[x*_l (B, F)]``.
+
+        Under DDP each process passes its shard of the images; sums and counts are all-reduced.
+        """
         sums, n = torch.zeros_like(self.lambda_l, dtype=torch.float64), 0
         for xs in targets_iter:
             sums += torch.stack([x.float().clamp_min(0).norm(dim=1).double().sum() for x in xs]).cpu().to(sums.device)
             n += xs[0].shape[0]
+        if _world_size() > 1:
+            total = all_reduce_sum(torch.cat((sums, sums.new_tensor([n]))))
+            sums, n = total[:-1], int(total[-1].item())
         if n == 0:
             raise ExplainerError("cannot estimate lambda_l: no training images")
         mean = sums / n
@@ -227,7 +254,12 @@ class ExplainerLoss(nn.Module):
 
     @torch.no_grad()
     def after_backward(self, p: float) -> None:
-        """Folds this step's gradient norms into the running means behind ``lambda_f``."""
+        """Folds this step's gradient norms into the running means behind ``lambda_f``.
+
+        Under DDP the batch means are over the global batch, of the gradients of the DDP
+        objective (the mean of the per-process losses): this process's gradients divided by the
+        world size, as DDP divides the parameters' gradients.
+        """
         s = self._store
         if not all(k in s for k in ("f1", "f2", "g1", "g2")):
             return
@@ -235,9 +267,17 @@ class ExplainerLoss(nn.Module):
         f1, f2 = s["f1"], s["f2"] * p  # dLoss_f/dx_f (x'_f = p x_f + ...)
         rec1 = s["g1"] - lam[0][None, :, None, None] * f1  # the gradient from the upper layers
         rec2 = s["g2"] - lam[1][None, :, None, None] * f2
-        norms = lambda g: g.float().flatten(2).norm(dim=-1).mean(0)  # noqa: E731  E_x ||.|| per filter (D,)
-        rec = torch.stack((norms(rec1), norms(rec2)))
-        fl = torch.stack((norms(f1), norms(f2)))
+        world = _world_size()
+        if world > 1:
+            sums = lambda g: g.float().flatten(2).norm(dim=-1).sum(0)  # noqa: E731  sum_x ||.|| per filter (D,)
+            local = torch.cat((sums(rec1), sums(rec2), sums(f1), sums(f2), rec1.new_tensor([rec1.shape[0]], dtype=torch.float32)))
+            total = all_reduce_sum(local)
+            means = total[:-1] / (total[-1].clamp_min(1.0) * world)
+            rec, fl = means.view(4, -1)[:2], means.view(4, -1)[2:]
+        else:
+            norms = lambda g: g.float().flatten(2).norm(dim=-1).mean(0)  # noqa: E731  E_x ||.|| per filter (D,)
+            rec = torch.stack((norms(rec1), norms(rec2)))
+            fl = torch.stack((norms(f1), norms(f2)))
         m = self.cfg.grad_momentum if self.norm_steps.item() > 0 else 0.0
         self.rec_norm.mul_(m).add_(rec, alpha=1 - m)
         self.f_norm.mul_(m).add_(fl, alpha=1 - m)
@@ -262,9 +302,11 @@ class ExplainerLoss(nn.Module):
 class ExplainResult:
     explainer: Explainer
     loss: ExplainerLoss
-    history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # epoch rows (means over all processes)
+    checkpoint: Path | None = None  # OUT/checkpoint (rank 0; None on the other processes)
     step: int = 0
+    rank: int = 0  # this process under torchrun (only rank 0 writes)
+    world_size: int = 1  # processes that trained together
 
 
 def _progress(iterable, enabled: bool, total: int, desc: str):
@@ -294,20 +336,30 @@ def train_explainer(
     The performer is only read: its parameters, buffers and outputs are the same afterwards (its
     ``training`` flag is restored). Writes ``cfg.out/{checkpoint/, log.csv, log.jsonl,
     config.json}``; ``resume`` (a run directory or its checkpoint) continues exactly.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this with the same arguments and
+    its performer on its own device (``cuda:LOCAL_RANK`` on GPUs); they train together with DDP
+    (see the module docstring) and only rank 0 writes.
     """
     cfg = (cfg or ExplainerConfig()).validate()
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(resume) if resume is not None else None
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # same on every process: identical initial weights
     was_training = performer.training
     performer.eval()
+    denv: DistEnv = init_distributed(device.type)
     try:
-        return _train(performer, train_set, cfg, device, ckpt, extra_config or {})
+        if denv.enabled and device.type == "cuda":
+            device = torch.device("cuda", denv.local_rank)
+        elif device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is the current GPU
+        return _train(performer, train_set, cfg, device, ckpt, extra_config or {}, denv)
     finally:
+        cleanup_distributed()
         performer.train(was_training)
 
 
-def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_config) -> ExplainResult:
+def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_config, denv: DistEnv = DistEnv()) -> ExplainResult:
     if next(performer.parameters()).device != device:
         raise ExplainerError(f"the performer is on {next(performer.parameters()).device}, the run on {device}: move it first")
     explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
@@ -323,7 +375,7 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
     opt_kw = {"betas": (cfg.momentum, 0.999)} if cfg.optimizer == "adam" else {"momentum": cfg.momentum}
     optimizer = opt_cls(_param_groups(explainer, cfg), lr=cfg.lr, **opt_kw)
 
-    sampler = EpochSampler(train_set, shuffle=True, seed=cfg.seed)
+    sampler = EpochSampler(train_set, num_replicas=denv.world_size, rank=denv.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")  # fmt: skip
     epoch, step, batches_done = 1, 0, 0
@@ -339,28 +391,43 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
         if state["epoch_done"]:
             epoch, batches_done = epoch + 1, 0
     else:
-        # lambda_l from the performer's features of all training images (paper §4)
-        plain = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        # lambda_l from the performer's features of all training images (paper §4); under DDP
+        # each process reads every world-th image and estimate_lambda_l all-reduces the sums
+        shard = Subset(train_set, range(denv.rank, len(train_set), denv.world_size)) if denv.enabled else train_set
+        plain = DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
         loss_mod.estimate_lambda_l(
             list(performer_targets(performer, b["image"].to(device), cfg.layer, explainer.targets).targets.values())
             for b in plain
         )
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = {**extra_config, **cfg.to_dict(), "eta_used": eta}
-    atomic_write_json(out / "config.json", run_config)
-    log = RunLog(out)
-    if ckpt is not None:
-        log.truncate_after(step)
-        set_rng_state(ckpt[1]["rng"])
+    net: nn.Module = explainer
+    if denv.enabled:  # averages the gradients of the per-process means (one all-reduce per step)
+        net = nn.parallel.DistributedDataParallel(explainer, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(ep: int, bd: int, st: int, done: bool, metrics: dict | None = None) -> Path:
+    out = Path(cfg.out)
+    run_config = {**extra_config, **cfg.to_dict(), "eta_used": eta}
+    log = None
+    if denv.is_main:  # only rank 0 writes (after the collectives above: every process is past its checks)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", run_config)
+        log = RunLog(out)
+        if ckpt is not None:
+            log.truncate_after(step)
+    if ckpt is not None:
+        set_rng_state(ckpt[1]["rng"])
+    if denv.rank:
+        seed_everything(cfg.seed + 1_000_003 * denv.rank + step)  # per-process randomness, as icnn train
+
+    def save(ep: int, bd: int, st: int, done: bool, metrics: dict | None = None) -> Path | None:
+        if not denv.is_main:
+            return None
         state = {"epoch": ep, "batches_done": bd, "epoch_done": done, "step": st, "optimizer": optimizer.state_dict(),
                  "loss": loss_mod.state_dict(), "rng": rng_state(), "metrics": metrics or {}}  # fmt: skip
+        if denv.enabled:
+            state["world_size"] = denv.world_size
         return save_checkpoint(out, explainer, state, run_config)
 
-    result = ExplainResult(explainer, loss_mod, step=step)
+    result = ExplainResult(explainer, loss_mod, step=step, rank=denv.rank, world_size=denv.world_size)
     names = ["loss", "main", "neg_log_p", "filter/interp1", "filter/interp2", "p"]
     try:
         while epoch <= cfg.epochs:
@@ -368,13 +435,13 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
                 loss_mod.start_epoch(epoch)
             sampler.set_epoch(epoch)
             sampler.set_start(batches_done * cfg.batch_size)
-            explainer.train()
+            net.train()
             n_batches = math.ceil(sampler.num_samples / cfg.batch_size)
             sums, n_img, t0 = torch.zeros(len(names), dtype=torch.float64), 0, time.perf_counter()
-            for batch in _progress(loader, cfg.progress, len(loader), f"explain epoch {epoch}"):
+            for batch in _progress(loader, cfg.progress and denv.is_main, len(loader), f"explain epoch {epoch}"):
                 images = batch["image"].to(device)
                 perf = performer_targets(performer, images, cfg.layer, explainer.targets)
-                o = explainer(perf.read)
+                o = net(perf.read)
                 labels = batch["label"].to(device) if cfg.objective == "cls" else None
                 total, terms = loss_mod(o, perf, epoch, labels)
                 values = torch.stack([total.detach(), *terms.values()]).double().cpu()
@@ -391,22 +458,27 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
                 n_img += b
                 step += 1
                 batches_done += 1
-                if cfg.log_every and step % cfg.log_every == 0:
+                if log is not None and cfg.log_every and step % cfg.log_every == 0:  # this process's running means
                     log.write({"kind": "step", "epoch": epoch, "step": step, **dict(zip(names, (sums / n_img).tolist())),
                                **loss_mod.diagnostics(epoch)})  # fmt: skip
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches_done < n_batches:
                     save(epoch, batches_done, step, done=False)
+            if denv.enabled:  # epoch means over all processes
+                total = all_reduce_sum(torch.cat((sums, sums.new_tensor([n_img]))).to(device)).cpu()
+                sums, n_img = total[:-1], int(total[-1].item())
             row = {"kind": "epoch", "epoch": epoch, "step": step, **dict(zip(names, (sums / max(n_img, 1)).tolist())),
                    "images_per_s": n_img / max(time.perf_counter() - t0, 1e-9), **loss_mod.diagnostics(epoch)}  # fmt: skip
-            log.write(row)
-            print(f"explain epoch {epoch}/{cfg.epochs}  loss {row['loss']:.4g}  p {row['p']:.3f}  "
-                  f"main {row['main']:.4g}  lambda_f {row['interp2/lambda_f']:.3g}", file=sys.stderr, flush=True)  # fmt: skip
+            if log is not None:
+                log.write(row)
+                print(f"explain epoch {epoch}/{cfg.epochs}  loss {row['loss']:.4g}  p {row['p']:.3f}  "
+                      f"main {row['main']:.4g}  lambda_f {row['interp2/lambda_f']:.3g}", file=sys.stderr, flush=True)  # fmt: skip
             result.history.append(row)
             result.checkpoint = save(epoch, 0, step, done=True, metrics=row)
             result.step = step
             epoch, batches_done = epoch + 1, 0
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     explainer.eval()
     return result
 
