@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ax2.set_ylabel("test accuracy (%)", color="tab:red")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="center right")
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower left")
     if args.title:
         ax.set_title(args.title, fontsize=9)
     fig.tight_layout()
