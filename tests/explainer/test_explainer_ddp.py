@@ -19,25 +19,17 @@ from torch import nn
 
 from icnn.data import build_dataset
 from icnn.explainer import ExplainerConfig, build_explainer, train_explainer
-from icnn.models.net import fc_head, make_interpretable
 from icnn.training import load_checkpoint
+from test_explainer import fc_performer  # same directory (pytest's rootdir-relative import)
 
 RTOL = ATOL = 1e-5
 N_IMAGES = 16
 
 
 def _performer() -> nn.Module:
-    """A tiny AlexNet-like performer (conv stem, top conv, pool5 -> fc6 -> fc7 -> fc8): two
-    reconstruction targets, hence two lambda_l."""
-    torch.manual_seed(0)
-    stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # (B, 6, 8, 8) at 16 px
-    top = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
-    net = make_interpretable(stem, top, fc_head(nn.MaxPool2d(2), hidden=10, dropout=0.5), num_classes=1,
-                             interpretable=False, image_size=16, arch="tiny_fc")  # fmt: skip
-    for m in net.head.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.3)
-    return net.eval().requires_grad_(False)
+    """The tiny AlexNet-like performer of test_explainer (two reconstruction targets, hence two
+    lambda_l), frozen."""
+    return fc_performer(0).requires_grad_(False)
 
 
 def _data():

@@ -40,16 +40,11 @@ from torch import nn
 
 from ..mask import PartMask
 from ..models.net import FeatureMaps, InterpretableLayer
-from ..training.distributed import all_reduce_sum
+from ..training.distributed import all_reduce_sum, world_size
 
 
 class ExplainerError(ValueError):
     """A bad explainer argument (layer, reconstruction target, performer); one line."""
-
-
-def _distributed() -> bool:
-    """A process group with more than one process is initialised (DDP)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 class ChannelNorm(nn.Module):
@@ -76,7 +71,7 @@ class ChannelNorm(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         mags = x.detach().float().clamp_min(0).sum((-2, -1))  # (B, C)
-        if _distributed():
+        if world_size() > 1:
             # global batch: all-reduce the per-channel sums and the image count together
             total = all_reduce_sum(torch.cat((mags.sum(0), mags.new_tensor([mags.shape[0]]))))
             batch = total[:-1] / total[-1].clamp_min(1.0)

@@ -60,14 +60,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..loss import FilterLoss
 from ..task_loss import task_loss_for
 from ..training.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..training.distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed
+from ..training.distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed, world_size
 from ..training.engine import NonFiniteLossError, resolve_device, seed_everything
 from ..training.logs import RunLog
 from .model import Explainer, ExplainerError, ExplainerOutput, PerformerFeatures, build_explainer, performer_targets
@@ -146,11 +145,6 @@ def default_eta(performer: nn.Module) -> float:
 # lambda_f: gradient taps
 
 
-def _world_size() -> int:
-    """Processes in the default process group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class _Tap(torch.autograd.Function):
     """Identity forward; backward records the incoming gradient and returns it times ``scale``."""
 
@@ -212,7 +206,7 @@ class ExplainerLoss(nn.Module):
         for xs in targets_iter:
             sums += torch.stack([x.float().clamp_min(0).norm(dim=1).double().sum() for x in xs]).cpu().to(sums.device)
             n += xs[0].shape[0]
-        if _world_size() > 1:
+        if world_size() > 1:
             total = all_reduce_sum(torch.cat((sums, sums.new_tensor([n]))))
             sums, n = total[:-1], int(total[-1].item())
         if n == 0:
@@ -267,7 +261,7 @@ class ExplainerLoss(nn.Module):
         f1, f2 = s["f1"], s["f2"] * p  # dLoss_f/dx_f (x'_f = p x_f + ...)
         rec1 = s["g1"] - lam[0][None, :, None, None] * f1  # the gradient from the upper layers
         rec2 = s["g2"] - lam[1][None, :, None, None] * f2
-        world = _world_size()
+        world = world_size()
         if world > 1:
             sums = lambda g: g.float().flatten(2).norm(dim=-1).sum(0)  # noqa: E731  sum_x ||.|| per filter (D,)
             local = torch.cat((sums(rec1), sums(rec2), sums(f1), sums(f2), rec1.new_tensor([rec1.shape[0]], dtype=torch.float32)))

@@ -79,6 +79,11 @@ class EpochSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over processes (identity without a process group)."""
     if dist.is_available() and dist.is_initialized():
