@@ -220,6 +220,40 @@ def test_lambda_l_is_5e4_over_the_mean_norm_of_the_positive_part():
     assert torch.allclose(loss.lambda_l, torch.tensor([5e4 / 1.5, 5e4 / 7.5]))
 
 
+def test_lambda_logit_is_5e4_over_the_mean_logit_norm():
+    perf = fc_performer()
+    ex, loss, _, _ = _loss_setup(perf)
+    a = torch.tensor([[3.0, -4.0], [0.0, -1.0]])
+    b = torch.tensor([[3.0, 4.0], [6.0, 8.0]])
+    logits = torch.tensor([[3.0, -4.0], [0.0, 1.0]])  # ||.|| = 5, 1 (signed: logits keep their sign)
+    loss.estimate_lambda_l([[a, b, logits]])
+    assert torch.allclose(loss.lambda_l, torch.tensor([5e4 / 1.5, 5e4 / 7.5]))
+    assert loss.lambda_logit.item() == pytest.approx(5e4 / 3.0)
+    loss.estimate_lambda_l([[a, b]])  # no logits given: no logit weight
+    assert loss.lambda_logit.item() == 0.0
+
+
+def test_logit_weight_adds_the_squared_logit_error():
+    """logit_weight * lambda_logit * mean_x ||f(x_L) - f(x*_L)||^2, nothing else changed."""
+    perf = fc_performer()
+    torch.manual_seed(0)
+    ex, plain, o, pf = _loss_setup(perf, eta=0.0, logit_weight=0.0)
+    ex2, weighted, _, _ = _loss_setup(perf, eta=0.0, logit_weight=2.0)
+    for m in (plain, weighted):
+        m.lambda_l.fill_(1.0)
+        m.lambda_logit.fill_(3.0)
+    base, _ = plain(o, pf, epoch=1)
+    total, terms = weighted(o, pf, epoch=1)
+    by_hand = ((o.logits - pf.logits) ** 2).sum(1).mean() * 2.0 * 3.0
+    assert by_hand.item() > 0
+    assert (total - base).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_bad_logit_weight_is_one_line():
+    with pytest.raises(ExplainerError, match="logit_weight must be a finite number >= 0"):
+        ExplainerConfig(logit_weight=-1.0).validate()
+
+
 # --------------------------------------------------------------------------------- performer untouched
 
 

@@ -26,7 +26,7 @@ from ._common import existing_dir, fresh_out_dir, parse_device
 
 # argparse dest -> ExplainerConfig field
 FLAGS = {
-    "layer": "layer", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "p_lr": "p_lr", "eta": "eta",
+    "layer": "layer", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "p_lr": "p_lr", "eta": "eta", "logit_weight": "logit_weight",
     "optimizer": "optimizer", "seed": "seed", "num_workers": "num_workers", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "progress": "progress",
 }  # fmt: skip
@@ -63,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--reconstruct", default=None, metavar="A,B", help="performer head modules to reconstruct (default fc6,fc7; GAP heads: flatten)")
     g.add_argument("--baseline", choices=("cls",), default=None, help="cls: the explainer+cls baseline (classification loss instead of reconstruction)")
     g.add_argument("--eta", type=float, default=S, metavar="X", help="weight of -log p (default 1e6; 1.5e5 for vgg16)")
+    g.add_argument("--logit-weight", type=float, default=S, metavar="X",
+                   help="also match the performer's own logits on the reconstruction, this weight relative to lambda_l (label-free; "
+                        "keeps what the classifier reads; default 0 = the paper's loss)")
     g.add_argument("--filter-loss", action="append", default=[], metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact (repeatable)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, metavar="N", help=f"default {d.epochs}")

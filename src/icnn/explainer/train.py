@@ -83,6 +83,7 @@ class ExplainerConfig:
     eta: float | None = None  # weight of -log p (None: 1e6, or 1.5e5 for vgg16; paper §4)
     lambda_rec: float = 5e4  # lambda_l = lambda_rec / E||max(x*_l, 0)|| (paper §4)
     lambda_cls: float = 5e4  # weight of the classification loss for objective="cls" (our choice)
+    logit_weight: float = 0.0  # + logit_weight * lambda_logit ||f(x_L) - f(x*_L)||^2 (f: the performer's classifier; our addition, 0 = paper)
     lambda_f_scale: float = 1.0 / 300.0  # lambda_f = scale / N * E||dRec/dx_f|| / E||dLoss_f/dx_f|| (Appendix)
     grad_momentum: float = 0.9  # running means of the gradient norms behind lambda_f
     filter_loss: dict[str, Any] = field(default_factory=dict)  # FilterLoss overrides (mode, weight_norm, ...)
@@ -114,7 +115,7 @@ class ExplainerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ExplainerError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("lambda_rec", "lambda_cls", "lambda_f_scale", "lr", "p_lr", "weight_decay"):
+        for name in ("lambda_rec", "lambda_cls", "logit_weight", "lambda_f_scale", "lr", "p_lr", "weight_decay"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ExplainerError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -179,6 +180,7 @@ class ExplainerLoss(nn.Module):
             name: FilterLoss(d, 1, map_size, target_classes=0, **overrides) for name in self.LAYERS
         })  # fmt: skip
         self.register_buffer("lambda_l", torch.zeros(len(explainer.targets)))
+        self.register_buffer("lambda_logit", torch.zeros(()))  # lambda_rec / E||f(x*_L)|| (logit_weight > 0)
         self.register_buffer("rec_norm", torch.zeros(2, d))
         self.register_buffer("f_norm", torch.zeros(2, d))
         self.register_buffer("norm_steps", torch.zeros((), dtype=torch.long))
@@ -200,19 +202,25 @@ class ExplainerLoss(nn.Module):
     def estimate_lambda_l(self, targets_iter) -> None:
         """``lambda_l = lambda_rec / E||max(x*_l, 0)||`` from an iterable of ``[x*_l (B, F)]``.
 
+        An item may carry one more tensor, the performer's logits ``(B, K)``: then also
+        ``lambda_logit = lambda_rec / E||logits||`` (for ``logit_weight``).
         Under DDP each process passes its shard of the images; sums and counts are all-reduced.
         """
-        sums, n = torch.zeros_like(self.lambda_l, dtype=torch.float64), 0
+        m = len(self.lambda_l)
+        sums, n = torch.zeros(m + 1, dtype=torch.float64, device=self.lambda_l.device), 0
         for xs in targets_iter:
-            sums += torch.stack([x.float().clamp_min(0).norm(dim=1).double().sum() for x in xs]).cpu().to(sums.device)
+            norms = [x.float().clamp_min(0).norm(dim=1).double().sum() for x in xs[:m]]
+            norms.append(xs[m].float().norm(dim=1).double().sum() if len(xs) > m else torch.zeros((), dtype=torch.float64))
+            sums += torch.stack(norms).cpu().to(sums.device)
             n += xs[0].shape[0]
         if world_size() > 1:
             total = all_reduce_sum(torch.cat((sums, sums.new_tensor([n]))))
             sums, n = total[:-1], int(total[-1].item())
         if n == 0:
             raise ExplainerError("cannot estimate lambda_l: no training images")
-        mean = sums / n
-        self.lambda_l.copy_((self.cfg.lambda_rec / mean.clamp_min(1e-12)).to(self.lambda_l.dtype))
+        lam = self.cfg.lambda_rec / (sums / n).clamp_min(1e-12)
+        self.lambda_l.copy_(lam[:m].to(self.lambda_l.dtype))
+        self.lambda_logit.fill_(float(lam[m]) if sums[m] > 0 else 0.0)
 
     def forward(self, out: ExplainerOutput, perf: PerformerFeatures, epoch: int, labels: torch.Tensor | None = None):
         b = out.x_enc.shape[0]
@@ -236,6 +244,9 @@ class ExplainerLoss(nn.Module):
         if self.cfg.objective == "reconstruct":
             rec_terms = [((z.float() - t.float()) ** 2).sum(1).mean() for z, t in zip(out.recon, perf.targets.values())]
             main = (self.lambda_l.to(out.x_enc.device) * torch.stack(rec_terms)).sum()
+            if self.cfg.logit_weight > 0:  # label-free: match the performer's own logits
+                logit_term = ((out.logits.float() - perf.logits.float()) ** 2).sum(1).mean()
+                main = main + self.cfg.logit_weight * self.lambda_logit.to(main.device) * logit_term
         else:
             if labels is None:
                 raise ExplainerError("objective 'cls' needs labels")
@@ -389,10 +400,11 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
         # each process reads every world-th image and estimate_lambda_l all-reduces the sums
         shard = Subset(train_set, range(denv.rank, len(train_set), denv.world_size)) if denv.enabled else train_set
         plain = DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-        loss_mod.estimate_lambda_l(
-            list(performer_targets(performer, b["image"].to(device), cfg.layer, explainer.targets).targets.values())
-            for b in plain
-        )
+        def target_rows(b):
+            f = performer_targets(performer, b["image"].to(device), cfg.layer, explainer.targets)
+            return [*f.targets.values(), f.logits]
+
+        loss_mod.estimate_lambda_l(target_rows(b) for b in plain)
 
     net: nn.Module = explainer
     if denv.enabled:  # averages the gradients of the per-process means (one all-reduce per step)
