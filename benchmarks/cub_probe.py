@@ -9,7 +9,6 @@ from icnn.data import build_dataset
 from icnn.loss import FilterLoss
 from icnn.evaluate import evaluate as ev, EvalConfig
 
-ROOT = "/work/shared/data/cub200-subset/CUB_200_2011"; NEG = "/work/shared/data/negatives"
 ap = argparse.ArgumentParser()
 ap.add_argument("--epochs", type=int, default=6); ap.add_argument("--lr", type=float, default=0.01)
 ap.add_argument("--top-lr", type=float, default=0.001)
@@ -21,13 +20,17 @@ ap.add_argument("--mask-warmup", type=float, default=0.0); ap.add_argument("--ma
 ap.add_argument("--head", default="gap"); ap.add_argument("--width", type=int, default=1280)
 ap.add_argument("--floss-start", type=float, default=0.0)
 ap.add_argument("--nneg", type=int, default=300); ap.add_argument("--opt", default="sgd")
+ap.add_argument("--data", default="../shared/data", help="folder holding cub200-subset/ and negatives/")
+ap.add_argument("--cache-dir", default=".cache/cub_probe", help="cached stem outputs and ordinary results")
 args = ap.parse_args()
+ROOT = os.path.join(args.data, "cub200-subset/CUB_200_2011"); NEG = os.path.join(args.data, "negatives")
+os.makedirs(args.cache_dir, exist_ok=True)
 torch.set_num_threads(int(os.environ.get("NT", "1")))
 torch.manual_seed(0)
 
 
 def data(split):
-    p = f"/work/exp/cubcache_{split}_{args.nneg}.pt"
+    p = os.path.join(args.cache_dir, f"stem_{split}_{args.nneg}.pt")
     if os.path.exists(p):
         return torch.load(p)
     ds = build_dataset("cub200", ROOT, split=split, task="single", image_size=224, negatives_root=NEG, max_negatives=args.nneg)
@@ -143,7 +146,7 @@ def run(variant):
 
 res = {}
 for v in args.variants.split(","):
-    key = f"/work/exp/probe/ord_{args.head}_{args.width}_{args.epochs}_{args.seed}_{args.bs}.json"
+    key = os.path.join(args.cache_dir, f"ord_{args.head}_{args.width}_{args.epochs}_{args.seed}_{args.bs}.json")
     if v == "ordinary" and os.path.exists(key):
         res[v] = json.load(open(key)); print("ordinary (cached)", json.dumps(res[v]), flush=True); continue
     res[v] = run(v); print(v, json.dumps(res[v]), flush=True)
