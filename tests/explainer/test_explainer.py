@@ -289,14 +289,17 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(registry.MODELS, "small_cnn_w2", lambda **kw: small_cnn(width=2, **kw))
     tcfg = TrainConfig(arch="small_cnn_w2", interpretable=False, image_size=32, dataset_kwargs={"num_samples": 8},
-                       out=str(tmp_path / "perf"))  # fmt: skip
+                       head_norm=True, out=str(tmp_path / "perf"))  # fmt: skip
     torch.manual_seed(0)
-    model = build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32)
+    model = build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32, head_norm=True)
     save_checkpoint(tmp_path / "perf", model, {"epoch": 1}, tcfg.to_dict())
     out = tmp_path / "ex"
     argv = ["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "1", "--batch-size", "4",
-            "--device", "cpu", "--top-k", "4", "--panels", "1", "--no-progress"]  # fmt: skip
+            "--device", "cpu", "--top-k", "4", "--panels", "1", "--no-progress",
+            "--logit-weight", "0.5", "--lambda-f-scale", "0.01"]  # fmt: skip
     assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["logit_weight"] == 0.5 and saved["lambda_f_scale"] == 0.01
     m = json.loads((out / "metrics.json").read_text())
     for key in ("p", "performer_error", "explainer_error", "delta_error", "explainer/location_instability",
                 "performer_top/location_instability", "performer_read/location_instability", "instability_ratio"):  # fmt: skip

@@ -17,7 +17,9 @@ from icnn.models import (
     FeatureMaps,
     InterpretableNet,
     ModelError,
+    add_head_norm,
     build_model,
+    fc_head,
     list_models,
     make_interpretable,
     make_interpretable_from,
@@ -197,3 +199,43 @@ def test_map_size_keeps_train_and_eval_modes():
     net.head.train()
     net.map_size(32)
     assert not net.training and not net.stem.training and not net.layers.training and net.head.training
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "efficientnet_lite0"])
+def test_head_norm_sits_before_dropout_and_fc_and_changes_no_other_weight(arch):
+    if arch.startswith("efficientnet"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    plain = build_model(arch, num_classes=1, image_size=SIZE)
+    torch.manual_seed(0)
+    normed = build_model(arch, num_classes=1, image_size=SIZE, head_norm=True)
+    names = [n for n, _ in normed.head.named_children()]
+    assert names == ["pool", "flatten", "norm", "drop", "fc"]
+    a, b = plain.state_dict(), normed.state_dict()
+    assert set(b) - set(a) == {f"head.norm.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the norm draws no random numbers
+    # in eval mode with fresh statistics (mean 0, var 1) the norm is the identity: same logits
+    x = torch.rand(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(normed.eval()(x), plain.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_head_norm_on_the_vgg_head_goes_before_fc6():
+    head = fc_head(nn.MaxPool2d(2), hidden=8, dropout=0.5, norm=True)(4, (4, 4), 3)
+    names = [n for n, _ in head.named_children()]
+    assert names[names.index("flatten") + 1 : names.index("flatten") + 3] == ["norm", "fc6"]
+    assert head.norm.num_features == 4 * 2 * 2
+    # a (B, C*h*w) batch: training-mode BatchNorm1d makes every fc6 input feature zero-mean, unit-variance
+    x = torch.randn(16, 4, 4, 4) * 5 + 3
+    z = head.norm(head.flatten(head.fit(head.pool5(x))))
+    torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(16), atol=1e-3, rtol=0)
+
+
+def test_head_norm_errors():
+    with pytest.raises(ModelError, match="nn.Sequential head"):
+        add_head_norm(nn.Linear(3, 1))
+    with pytest.raises(ModelError, match="nn.Linear"):
+        add_head_norm(nn.Sequential(nn.AdaptiveAvgPool2d(1)))
+    with pytest.raises(ModelError, match="already has a layer named 'norm'"):
+        add_head_norm(add_head_norm(linear_head()(4, (2, 2), 1)))
+

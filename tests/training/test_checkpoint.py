@@ -114,3 +114,26 @@ def test_unreadable_checkpoints_raise_one_line_errors(tmp_path):
     weights.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="model.safetensors: unreadable weights"):
         load_checkpoint(tmp_path / "run" / "checkpoint")
+
+
+def test_head_norm_travels_through_the_config_to_a_loaded_model(tmp_path):
+    from icnn.training import TrainConfig
+    from icnn.training.checkpoint import load_model
+    from icnn.training.config import ConfigError
+    from icnn.training.engine import build_model_for
+
+    cfg = TrainConfig(arch="small_cnn", image_size=32, head_norm=True, out=str(tmp_path))
+    net = build_model_for(cfg, num_classes=1)
+    assert isinstance(net.head.norm, torch.nn.BatchNorm1d)
+    with torch.no_grad():  # statistics that make the eval-mode norm far from the identity
+        net.head.norm.running_mean.fill_(2.0)
+        net.head.norm.running_var.fill_(9.0)
+    save_checkpoint(tmp_path, net, {"num_classes": 1}, cfg.to_dict())
+    model, loaded_cfg, _ = load_model(tmp_path)
+    assert loaded_cfg.head_norm is True
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), net.eval()(x))
+    old = {k: v for k, v in cfg.to_dict().items() if k != "head_norm"}  # a checkpoint from before the option
+    assert TrainConfig.from_dict(old).head_norm is False
+    with pytest.raises(ConfigError, match="head_norm"):
+        TrainConfig.from_dict({"head_norm": "yes"})

@@ -27,6 +27,7 @@ from ._common import existing_dir, fresh_out_dir, parse_device
 # argparse dest -> ExplainerConfig field
 FLAGS = {
     "layer": "layer", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "p_lr": "p_lr", "eta": "eta", "logit_weight": "logit_weight",
+    "lambda_f_scale": "lambda_f_scale",
     "optimizer": "optimizer", "seed": "seed", "num_workers": "num_workers", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "progress": "progress",
 }  # fmt: skip
@@ -66,6 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--logit-weight", type=float, default=S, metavar="X",
                    help="also match the performer's own logits on the reconstruction, this weight relative to lambda_l (label-free; "
                         "keeps what the classifier reads; default 0 = the paper's loss)")
+    g.add_argument("--lambda-f-scale", type=float, default=S, metavar="X",
+                   help=f"weight of the filter losses: lambda_f = X / epoch * E||dRec/dx_f|| / E||dLoss_f/dx_f|| (default {d.lambda_f_scale:.4g} = 1/300, the Appendix)")
     g.add_argument("--filter-loss", action="append", default=[], metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact (repeatable)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, metavar="N", help=f"default {d.epochs}")

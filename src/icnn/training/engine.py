@@ -376,7 +376,7 @@ def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
     return build_model(
         cfg.arch, num_classes=num_classes, interpretable=cfg.interpretable, image_size=cfg.image_size, weights=cfg.weights,
-        **({"mask": dict(cfg.mask)} if cfg.mask else {}),
+        head_norm=cfg.head_norm, **({"mask": dict(cfg.mask)} if cfg.mask else {}),
     )
 
 
