@@ -273,3 +273,12 @@ def test_mask_options_reach_the_model_and_the_checkpoint(tmp_path):
         _cfg(tmp_path, mask={"beta": "nope"}).validate()
     with pytest.raises(ConfigError, match="mask: .*unexpected keyword"):
         _cfg(tmp_path, mask={"bta": 3}).validate()
+
+
+def test_cliff_warning_names_the_layer_whose_filters_fell_silent(tmp_path, capsys):
+    row = {"epoch": 3, "top/silent_fraction": 0.25, "new/silent_fraction": 0.625, "new/lambda": 0.1}
+    (warning,) = engine.cliff_warnings(row)  # 25% is not above the threshold
+    assert warning.startswith("62% of layer 'new''s filters were silent in epoch 3") and "--lambda" in warning
+    engine._print_epoch({"loss": 0.5, "accuracy": 0.5, **row}, 4)
+    assert "warning: 62% of layer 'new'" in capsys.readouterr().err
+    assert engine.cliff_warnings({"epoch": 1, "new/silent_fraction": 0.0}) == []

@@ -600,3 +600,20 @@ def _print_epoch(row: dict[str, Any], epochs: int) -> None:
         if k.endswith("/lambda") or k.endswith("/silent_fraction"):
             parts.append(f"{k} {v:.3g}")
     print("  ".join(parts), file=sys.stderr, flush=True)
+    for warning in cliff_warnings(row):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+SILENT_WARNING = 0.25  # fraction of a layer's filters silent over an epoch that triggers a warning
+
+
+def cliff_warnings(row: dict[str, Any]) -> list[str]:
+    """Warnings for the cliff of a too-strong filter loss (SPEC §9: every filter silent, chance
+    accuracy): a layer with more than ``SILENT_WARNING`` of its filters silent in the epoch."""
+    out = []
+    for k, v in row.items():
+        if k.endswith("/silent_fraction") and v > SILENT_WARNING:
+            layer = k[: -len("/silent_fraction")]
+            out.append(f"{v:.0%} of layer {layer!r}'s filters were silent in epoch {row['epoch']}: "
+                       "the filter loss is too strong for this run (lower --lambda)")
+    return out
