@@ -535,6 +535,7 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
         seed_everything(cfg.seed + 1_000_003 * denv.rank + step)  # per-process dropout/augmentation
 
     result = TrainResult(model=model, step=step)
+    baseline: dict[str, float] = {}  # each layer's mean max in the first epoch this process logs
     try:
         while epoch <= cfg.epochs:
             if batches_done == 0:
@@ -575,7 +576,8 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
                 row.update({f"eval/{k}": v for k, v in evaluate(net, task_loss, eval_loader, device, ctx.autocast).items()})
             if log_file is not None:
                 log_file.write(row)
-                _print_epoch(row, cfg.epochs)
+                baseline = baseline or {k: v for k, v in row.items() if k.endswith("/mean_max")}
+                _print_epoch(row, cfg.epochs, baseline)
             result.history.append(row)
             result.checkpoint = save(epoch, 0, step, None, done=True, metrics=row)
             result.step = step
@@ -592,7 +594,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _print_epoch(row: dict[str, Any], epochs: int) -> None:
+def _print_epoch(row: dict[str, Any], epochs: int, baseline: dict[str, float] | None = None) -> None:
     parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"acc {row['accuracy']:.3f}"]
     if "eval/accuracy" in row:
         parts.append(f"eval acc {row['eval/accuracy']:.3f}")
@@ -600,17 +602,25 @@ def _print_epoch(row: dict[str, Any], epochs: int) -> None:
         if k.endswith("/lambda") or k.endswith("/silent_fraction"):
             parts.append(f"{k} {v:.3g}")
     print("  ".join(parts), file=sys.stderr, flush=True)
-    for warning in cliff_warnings(row):
+    for warning in cliff_warnings(row, baseline):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 SILENT_WARNING = 0.25  # fraction of a layer's filters silent over an epoch that triggers a warning
+RUNAWAY_WARNING = 100.0  # growth of a layer's mean max_ij x over the run that triggers a warning
 
 
-def cliff_warnings(row: dict[str, Any]) -> list[str]:
-    """Warnings for the cliff of a too-strong filter loss (SPEC §9: every filter silent, chance
-    accuracy): a layer with more than ``SILENT_WARNING`` of its filters silent in the epoch."""
+def cliff_warnings(row: dict[str, Any], baseline: dict[str, float] | None = None) -> list[str]:
+    """Warnings for the two cliffs of a too-strong filter loss: a layer with more than
+    ``SILENT_WARNING`` of its filters silent in the epoch (SPEC §9: every filter silent, chance
+    accuracy), and a layer whose mean ``max_ij x`` grew more than ``RUNAWAY_WARNING``-fold over
+    ``baseline`` (its value in the first epoch of the run: Eq. 4 rewards scale, docs/filter_loss.md)."""
     out = []
+    for k, v in (baseline or {}).items():
+        now = row.get(k)
+        if now is not None and v > 0 and now > RUNAWAY_WARNING * v:
+            out.append(f"the activations of layer {k[: -len('/mean_max')]!r} grew {now / v:.3g}-fold since the first epoch "
+                       "(mean max): the filter loss is running away (lower --lambda, or --filter-loss map_norm=batch)")
     for k, v in row.items():
         if k.endswith("/silent_fraction") and v > SILENT_WARNING:
             layer = k[: -len("/silent_fraction")]
