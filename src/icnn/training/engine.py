@@ -620,7 +620,7 @@ def cliff_warnings(row: dict[str, Any], baseline: dict[str, float] | None = None
         now = row.get(k)
         if now is not None and v > 0 and now > RUNAWAY_WARNING * v:
             out.append(f"the activations of layer {k[: -len('/mean_max')]!r} grew {now / v:.3g}-fold since the first epoch "
-                       "(mean max): the filter loss is running away (lower --lambda, or --filter-loss map_norm=batch)")
+                       "(mean max): the filter loss is running away (lower --lambda)")
     for k, v in row.items():
         if k.endswith("/silent_fraction") and v > SILENT_WARNING:
             layer = k[: -len("/silent_fraction")]
