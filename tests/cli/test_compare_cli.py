@@ -103,20 +103,3 @@ def test_both_twins_start_from_the_pretrained_backbone(tmp_path):
     a, b = models["ordinary"].state_dict(), models["interpretable"].state_dict()
     torch.testing.assert_close(a["layers.new.body.conv.weight"], b["layers.new.body.conv.weight"], rtol=0, atol=1e-9)
 
-
-def test_the_shipped_cub_recipe_is_the_config_of_the_documented_run(tmp_path):
-    """configs/cub200_efficientnet_lite0.toml, read by compare, gives the settings of the real-birds
-    run in docs/filter_loss.md (the flags that run used, spelled out)."""
-    from pathlib import Path
-
-    from icnn.cli import build_parser
-    from icnn.cli.compare import build_config
-
-    recipe = Path(__file__).resolve().parents[2] / "configs" / "cub200_efficientnet_lite0.toml"
-    args = build_parser().parse_args(["compare", "--config", str(recipe), "--root", "r", "--negatives", "n", "--out", str(tmp_path)])
-    cfg = build_config(args)
-    assert (cfg.arch, cfg.weights, cfg.image_size, cfg.epochs, cfg.batch_size) == ("efficientnet_lite0", "imagenet", 224, 6, 32)
-    assert (cfg.lr, cfg.backbone_lr_mult, cfg.lr_schedule, cfg.augment, cfg.head_norm) == (0.01, 0.1, "cosine", True, True)
-    assert cfg.mask_warmup_epochs == 0.0  # compare's default ramp is not applied on top of the file's 0
-    assert cfg.filter_loss == {"lambda_": 1.0, "z_estimate": "batch", "warmup_epochs": 0}
-    assert cfg.dataset == "cub200" and cfg.dataset_kwargs == {"max_negatives": 300}
