@@ -290,3 +290,21 @@ def test_runaway_warning_compares_the_mean_max_with_the_first_epoch():
     (warning,) = engine.cliff_warnings(row, first)
     assert "layer 'new' grew 1e+03-fold since the first epoch" in warning and "lower --lambda" in warning
     assert engine.cliff_warnings(row) == []  # no baseline yet
+
+
+def test_stem_lr_multiplier_splits_the_backbone_and_zero_keeps_the_stem_fixed(tmp_path):
+    model = tiny_net()
+    groups = {g["name"]: g for g in engine.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, stem_lr_mult=0))}
+    assert [groups[k]["lr"] for k in ("stem", "top", "new")] == [0.0, pytest.approx(0.01), 0.1]
+    assert {id(p) for p in groups["stem"]["params"]} == {id(p) for p in model.stem.parameters()}
+    assert {id(p) for p in groups["top"]["params"]} == {id(p) for p in model.layers["top"].parameters()}
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items() if v.is_floating_point()}
+    top_before = [p.detach().clone() for p in model.layers["top"].parameters()]
+    cfg = _cfg(tmp_path, epochs=1, stem_lr_mult=0.0, backbone_lr_mult=0.5, augment=False)
+    trained = train(cfg, model=model, train_set=TinyParts(8), eval_set=None).model
+    for name, p in trained.stem.named_parameters():  # lr 0: weights (not BN statistics) unchanged
+        assert torch.equal(p.detach(), stem_before[name]), name
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(top_before, trained.layers["top"].parameters()))
+    with pytest.raises(ConfigError, match="stem_lr_mult: must be a finite non-negative number"):
+        TrainConfig.from_dict({"stem_lr_mult": -1})
+    assert TrainConfig.from_dict({"stem_lr_mult": 0}).stem_lr_mult == 0.0

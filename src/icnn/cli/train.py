@@ -38,6 +38,7 @@ FLAGS: dict[str, str] = {
     "weight_decay": "weight_decay",
     "lr_schedule": "lr_schedule",
     "backbone_lr_mult": "backbone_lr_mult",
+    "stem_lr_mult": "stem_lr_mult",
     "grad_clip": "grad_clip",
     "mask_warmup_epochs": "mask_warmup_epochs",
     "head_norm": "head_norm",
@@ -116,6 +117,7 @@ def add_train_arguments(p: argparse.ArgumentParser, *, twin_choice: bool = True,
     g.add_argument("--weight-decay", type=float, default=S, metavar="X", help=f"L2 weight decay (default {d.weight_decay})")
     g.add_argument("--lr-schedule", default=S, choices=("none", "step", "cosine"), help=f"learning-rate schedule over epochs (default {d.lr_schedule})")
     g.add_argument("--backbone-lr-mult", type=float, default=S, metavar="X", help=f"learning-rate multiplier of the backbone (stem + top layer), e.g. 0.1 with --weights (default {d.backbone_lr_mult})")
+    g.add_argument("--stem-lr-mult", type=float, default=S, metavar="X", help="learning-rate multiplier of the stem alone (the backbone below the top conv-layer); 0 keeps it fixed (default: --backbone-lr-mult)")
     g.add_argument("--grad-clip", type=float, default=S, metavar="X", help="clip the gradient norm to X (default: no clipping)")
     g.add_argument("--seed", type=int, default=S, metavar="N", help=f"random seed: weights, shuffling, augmentation (default {d.seed})")
     g.add_argument("--deterministic", action="store_true", default=S, help="torch.use_deterministic_algorithms (GPU; CPU runs are deterministic anyway)")

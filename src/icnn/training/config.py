@@ -66,6 +66,7 @@ class TrainConfig:
     lr_step: int = 10  # epochs between decays of the "step" schedule
     lr_gamma: float = 0.1  # decay factor of the "step" schedule
     backbone_lr_mult: float = 1.0  # lr multiplier of the backbone (stem + layers["top"]), e.g. 0.1 when fine-tuning weights
+    stem_lr_mult: float | None = None  # lr multiplier of the stem alone (0: keep it fixed); None = backbone_lr_mult
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = no clipping
     # --- run ---
     seed: int = 0  # seeds torch, numpy, python and the per-epoch shuffling order
@@ -105,7 +106,8 @@ class TrainConfig:
         for name in ("num_workers", "checkpoint_every", "log_every", "seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "backbone_lr_mult", "grad_clip", "mask_warmup_epochs"):
+        numbers = ("lr", "momentum", "weight_decay", "lr_gamma", "backbone_lr_mult", "grad_clip", "mask_warmup_epochs")
+        for name in numbers + (("stem_lr_mult",) if self.stem_lr_mult is not None else ()):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
@@ -156,7 +158,7 @@ class TrainConfig:
         # Accept ints where floats are expected (TOML "lr = 1" is an int).
         for f in dataclasses.fields(cls):
             v = getattr(cfg, f.name)
-            if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+            if f.type in ("float", "float | None") and isinstance(v, int) and not isinstance(v, bool):
                 setattr(cfg, f.name, float(v))
         try:
             return cfg.validate()

@@ -140,18 +140,22 @@ def build_filter_losses(
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Backbone (``stem`` + ``layers["top"]``) at ``lr * backbone_lr_mult``, the rest at ``lr``."""
-    backbone: list[nn.Parameter] = []
-    if hasattr(model, "stem"):
-        backbone += list(model.stem.parameters())
+    """Backbone (``stem`` + ``layers["top"]``) at ``lr * backbone_lr_mult``, the rest at ``lr``;
+    with ``stem_lr_mult`` set, the stem is its own group at ``lr * stem_lr_mult``."""
+    stem = list(model.stem.parameters()) if hasattr(model, "stem") else []
     layers = getattr(model, "layers", {})
-    if "top" in layers:
-        backbone += list(layers["top"].parameters())
-    ids = {id(p) for p in backbone}
+    top = list(layers["top"].parameters()) if "top" in layers else []
+    ids = {id(p) for p in stem + top}
     rest = [p for p in model.parameters() if id(p) not in ids]
     groups = [{"params": rest, "lr": cfg.lr, "name": "new"}]
-    if backbone:
-        groups.insert(0, {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"})
+    if cfg.stem_lr_mult is None:
+        if stem + top:
+            groups.insert(0, {"params": stem + top, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"})
+        return groups
+    if top:
+        groups.insert(0, {"params": top, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "top"})
+    if stem:
+        groups.insert(0, {"params": stem, "lr": cfg.lr * cfg.stem_lr_mult, "name": "stem"})
     return groups
 
 
