@@ -308,3 +308,9 @@ def test_stem_lr_multiplier_splits_the_backbone_and_zero_keeps_the_stem_fixed(tm
     with pytest.raises(ConfigError, match="stem_lr_mult: must be a finite non-negative number"):
         TrainConfig.from_dict({"stem_lr_mult": -1})
     assert TrainConfig.from_dict({"stem_lr_mult": 0}).stem_lr_mult == 0.0
+
+
+def test_resume_with_another_stem_lr_mult_names_the_option(tmp_path):
+    _run(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match=r"different number of parameter groups; was stem_lr_mult \(--stem-lr-mult\)"):
+        _run(_cfg(tmp_path, epochs=2, stem_lr_mult=0.0), resume=tmp_path)

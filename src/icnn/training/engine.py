@@ -459,7 +459,10 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
             for name, fl in filter_losses.items():
                 fl.load_state_dict(state["filter_losses"][name])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise ConfigError(f"resume {resume}: checkpoint does not match this model/config ({str(exc).splitlines()[0]})") from None
+            why = str(exc).splitlines()[0]
+            if "parameter groups" in why:  # the optimizer's groups: one for the stem only with stem_lr_mult set
+                why += "; was stem_lr_mult (--stem-lr-mult) set differently in the resumed run?"
+            raise ConfigError(f"resume {resume}: checkpoint does not match this model/config ({why})") from None
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
         epoch_done = state["epoch_done"]
         sums = state.get("sums")
