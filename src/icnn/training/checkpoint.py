@@ -217,8 +217,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """
     import dataclasses
 
-    from ..models import build_model
     from .config import ConfigError, TrainConfig
+    from .engine import build_model_for
 
     weights, state, config = load_checkpoint(path)
     try:
@@ -229,8 +229,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if num_classes is None:  # older checkpoints: infer from the head's last bias
         last_bias = [k for k in weights if k.startswith("head") and k.endswith("bias")]
         num_classes = int(weights[sorted(last_bias)[-1]].shape[0]) if last_bias else 1
-    model = build_model(cfg.arch, num_classes=int(num_classes), interpretable=cfg.interpretable, image_size=cfg.image_size,
-                        head_norm=cfg.head_norm, **({"mask": dict(cfg.mask)} if cfg.mask else {}))
+    model = build_model_for(dataclasses.replace(cfg, weights=None), int(num_classes))  # the checkpoint holds the weights
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
