@@ -103,3 +103,20 @@ def test_both_twins_start_from_the_pretrained_backbone(tmp_path):
     a, b = models["ordinary"].state_dict(), models["interpretable"].state_dict()
     torch.testing.assert_close(a["layers.new.body.conv.weight"], b["layers.new.body.conv.weight"], rtol=0, atol=1e-9)
 
+
+
+def test_pretraining_trains_the_whole_backbone_whatever_the_twins_multipliers(tmp_path):
+    """--stem-lr-mult / --backbone-lr-mult are fine-tuning settings of the twins: the shared
+    pretraining must not keep a random stem fixed (it once did, with --stem-lr-mult 0)."""
+    from icnn.cli import build_parser
+    from icnn.cli.compare import build_config as compare_config
+    from icnn.cli.compare import pretrain_backbone
+
+    args = build_parser().parse_args(["compare", "--out", str(tmp_path), *TINY, "--stem-lr-mult", "0",
+                                      "--backbone-lr-mult", "0.1"])
+    cfg = compare_config(args)
+    assert cfg.stem_lr_mult == 0.0 and cfg.backbone_lr_mult == 0.1
+    pretrain_backbone(cfg, tmp_path, epochs=1, samples=16)
+    pre = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+    assert pre["stem_lr_mult"] is None and pre["backbone_lr_mult"] == 1.0
+    assert pre["task"] == "multi" and pre["interpretable"] is False

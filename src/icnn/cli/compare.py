@@ -125,8 +125,11 @@ def pretrain_backbone(cfg, out: Path, epochs: int, samples: int = PRETRAIN_SAMPL
 
     run_dir = out / "pretrain"
     kwargs = {k: v for k, v in cfg.dataset_kwargs.items() if k not in ("num_samples", "category", "margin")}
+    # the twins' learning-rate multipliers are fine-tuning settings: the pretraining trains the whole
+    # backbone (else --stem-lr-mult 0 would hand both twins a random, frozen stem)
     pre = dataclasses.replace(cfg, task="multi", multi_loss="softmax", interpretable=False, epochs=epochs, out=str(run_dir),
-                              dataset_kwargs={**kwargs, "num_samples": samples}, filter_loss={})
+                              dataset_kwargs={**kwargs, "num_samples": samples}, filter_loss={},
+                              backbone_lr_mult=1.0, stem_lr_mult=None)
     resume = _existing_run(run_dir)
     print(f"[pretrain] {pre.arch} on the multi-category task for {epochs} epochs" + (" (resuming)" if resume else ""),
           file=sys.stderr)
