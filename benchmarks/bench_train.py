@@ -7,6 +7,7 @@ GPU, the process's peak RSS (``resource.ru_maxrss``) on CPU. Prints a table and 
 
     python benchmarks/bench_train.py --arch small_cnn --image-size 64 --batch-size 8 --steps 5 --device cpu
     python benchmarks/bench_train.py --arch vgg16 --image-size 224 --batch-size 64 --steps 30 --device cuda --compile
+    python benchmarks/bench_train.py --arch efficientnet_lite0 --image-size 224 --batch-size 16 --freeze-stem
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ def run_mode(args) -> dict:
     """Times ``args.steps`` steps of one mode in this process; returns its figures."""
     from icnn.models import build_model
     from icnn.training import StepContext, TrainConfig, build_filter_losses, make_optimizer, train_step
-    from icnn.training.engine import ForwardWithMaps, autocast_for
+    from icnn.training.engine import ForwardWithMaps, autocast_for, freeze_stem
     from icnn.task_loss import task_loss_for
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     interpretable = args.mode == "interpretable"
-    cfg = TrainConfig(arch=args.arch, lr=args.lr, image_size=args.image_size, batch_size=args.batch_size, device=args.device, amp=args.amp, compile=args.compile)
+    cfg = TrainConfig(arch=args.arch, lr=args.lr, image_size=args.image_size, batch_size=args.batch_size, device=args.device, amp=args.amp, compile=args.compile,
+                      freeze_stem=args.freeze_stem)
     model = build_model(args.arch, num_classes=1, interpretable=interpretable, image_size=args.image_size).to(device)
+    frozen = freeze_stem(model) if args.freeze_stem else None
     filter_losses = build_filter_losses(model, num_classes=2, image_size=args.image_size, cfg={}, device=device, negative_class=0)
     net = ForwardWithMaps(model)
     if args.compile and device.type == "cuda":
         net = torch.compile(net)
     ctx = StepContext(
         net=net, model=model, task_loss=task_loss_for("single"), filter_losses=filter_losses,
-        optimizer=make_optimizer(model, cfg), device=device, autocast=lambda: autocast_for(device, cfg),
+        optimizer=make_optimizer(model, cfg), device=device, autocast=lambda: autocast_for(device, cfg), frozen=frozen,
     )
     for fl in filter_losses.values():
         fl.start_epoch(1)
@@ -93,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the step (GPU)")
+    p.add_argument("--freeze-stem", action="store_true", help="the stem fixed in eval mode, as icnn train --freeze-stem")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode, print JSON
@@ -114,13 +118,14 @@ def main(argv=None) -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     base = rows[0]["step_ms"]
     print(f"{args.arch} @ {args.image_size}px, batch {args.batch_size}, {args.steps} steps, {args.device}"
-          f" ({torch.get_num_threads()} threads), {rows[0]['peak_kind']}")
+          + (", stem frozen" if args.freeze_stem else "")
+          + f" ({torch.get_num_threads()} threads), {rows[0]['peak_kind']}")
     print(f"{'mode':<14}{'step ms':>10}{'images/s':>11}{'peak MiB':>10}{'vs ordinary':>13}")
     for r in rows:
         print(f"{r['mode']:<14}{r['step_ms']:>10.1f}{r['images_per_s']:>11.1f}{r['peak_mib']:>10.0f}{r['step_ms'] / base:>12.2f}x")
     result = {
         "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-        "device": args.device, "amp": args.amp, "compile": args.compile, "threads": torch.get_num_threads(),
+        "device": args.device, "amp": args.amp, "compile": args.compile, "freeze_stem": args.freeze_stem, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "rows": rows,

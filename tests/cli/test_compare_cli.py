@@ -113,10 +113,10 @@ def test_pretraining_trains_the_whole_backbone_whatever_the_twins_multipliers(tm
     from icnn.cli.compare import pretrain_backbone
 
     args = build_parser().parse_args(["compare", "--out", str(tmp_path), *TINY, "--stem-lr-mult", "0",
-                                      "--backbone-lr-mult", "0.1"])
+                                      "--backbone-lr-mult", "0.1", "--freeze-stem"])
     cfg = compare_config(args)
-    assert cfg.stem_lr_mult == 0.0 and cfg.backbone_lr_mult == 0.1
+    assert cfg.stem_lr_mult == 0.0 and cfg.backbone_lr_mult == 0.1 and cfg.freeze_stem
     pretrain_backbone(cfg, tmp_path, epochs=1, samples=16)
     pre = json.loads((tmp_path / "pretrain" / "config.json").read_text())
-    assert pre["stem_lr_mult"] is None and pre["backbone_lr_mult"] == 1.0
+    assert pre["stem_lr_mult"] is None and pre["backbone_lr_mult"] == 1.0 and pre["freeze_stem"] is False
     assert pre["task"] == "multi" and pre["interpretable"] is False

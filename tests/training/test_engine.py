@@ -312,5 +312,47 @@ def test_stem_lr_multiplier_splits_the_backbone_and_zero_keeps_the_stem_fixed(tm
 
 def test_resume_with_another_stem_lr_mult_names_the_option(tmp_path):
     _run(_cfg(tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match=r"different number of parameter groups; was stem_lr_mult \(--stem-lr-mult\)"):
+    with pytest.raises(ConfigError, match=r"different number of parameter groups; were stem_lr_mult \(--stem-lr-mult\)"):
         _run(_cfg(tmp_path, epochs=2, stem_lr_mult=0.0), resume=tmp_path)
+
+
+def _bn_stem_net(seed: int = 0):
+    from torch import nn
+
+    from icnn.models import linear_head, make_interpretable
+
+    torch.manual_seed(seed)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    top = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    return make_interpretable(stem, top, linear_head(), num_classes=1, interpretable=True, image_size=16, arch="tiny")
+
+
+def test_freeze_stem_keeps_weights_and_batchnorm_statistics_and_computes_no_stem_gradient(tmp_path):
+    model = _bn_stem_net()
+    groups = {g["name"]: g for g in engine.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, freeze_stem=True))}
+    assert sorted(groups) == ["backbone", "new"]
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.layers["top"].parameters()}
+    stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
+    top_before = [p.detach().clone() for p in model.layers["top"].parameters()]
+    cfg = _cfg(tmp_path / "frozen", epochs=2, freeze_stem=True, backbone_lr_mult=0.5, augment=False)
+    trained = train(cfg, model=model, train_set=TinyParts(8), eval_set=TinyParts(4, seed=1)).model
+    for name, v in trained.stem.state_dict().items():  # weights and running statistics, bit for bit
+        assert torch.equal(v, stem_before[name]), name
+    assert all(not p.requires_grad and p.grad is None for p in trained.stem.parameters())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(top_before, trained.layers["top"].parameters()))
+    # --stem-lr-mult 0 keeps the weights but not the BatchNorm statistics: what --freeze-stem adds
+    cfg = _cfg(tmp_path / "lr0", epochs=2, stem_lr_mult=0.0, backbone_lr_mult=0.5, augment=False)
+    moved = train(cfg, model=_bn_stem_net(), train_set=TinyParts(8), eval_set=None).model.stem.state_dict()
+    assert torch.equal(moved["0.weight"], stem_before["0.weight"])
+    assert not torch.equal(moved["1.running_mean"], stem_before["1.running_mean"])
+
+
+def test_freeze_stem_config_errors_and_resume_names_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="stem_lr_mult: 0.5 contradicts freeze_stem"):
+        TrainConfig.from_dict({"freeze_stem": True, "stem_lr_mult": 0.5})
+    assert TrainConfig.from_dict({"freeze_stem": True, "stem_lr_mult": 0}).freeze_stem
+    with pytest.raises(ConfigError, match="freeze_stem: must be true or false"):
+        TrainConfig.from_dict({"freeze_stem": "yes"})
+    _run(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match=r"freeze_stem \(--freeze-stem\) set differently"):
+        _run(_cfg(tmp_path, epochs=2, freeze_stem=True), resume=tmp_path)

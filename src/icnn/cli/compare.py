@@ -129,7 +129,7 @@ def pretrain_backbone(cfg, out: Path, epochs: int, samples: int = PRETRAIN_SAMPL
     # backbone (else --stem-lr-mult 0 would hand both twins a random, frozen stem)
     pre = dataclasses.replace(cfg, task="multi", multi_loss="softmax", interpretable=False, epochs=epochs, out=str(run_dir),
                               dataset_kwargs={**kwargs, "num_samples": samples}, filter_loss={},
-                              backbone_lr_mult=1.0, stem_lr_mult=None)
+                              backbone_lr_mult=1.0, stem_lr_mult=None, freeze_stem=False)
     resume = _existing_run(run_dir)
     print(f"[pretrain] {pre.arch} on the multi-category task for {epochs} epochs" + (" (resuming)" if resume else ""),
           file=sys.stderr)

@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "lr_schedule": "lr_schedule",
     "backbone_lr_mult": "backbone_lr_mult",
     "stem_lr_mult": "stem_lr_mult",
+    "freeze_stem": "freeze_stem",
     "grad_clip": "grad_clip",
     "mask_warmup_epochs": "mask_warmup_epochs",
     "head_norm": "head_norm",
@@ -118,6 +119,7 @@ def add_train_arguments(p: argparse.ArgumentParser, *, twin_choice: bool = True,
     g.add_argument("--lr-schedule", default=S, choices=("none", "step", "cosine"), help=f"learning-rate schedule over epochs (default {d.lr_schedule})")
     g.add_argument("--backbone-lr-mult", type=float, default=S, metavar="X", help=f"learning-rate multiplier of the backbone (stem + top layer), e.g. 0.1 with --weights (default {d.backbone_lr_mult})")
     g.add_argument("--stem-lr-mult", type=float, default=S, metavar="X", help="learning-rate multiplier of the stem alone (the backbone below the top conv-layer); 0 keeps it fixed (default: --backbone-lr-mult)")
+    g.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, default=S, help="keep the stem (the backbone below the top conv-layer) fixed, in eval mode: pretrained BatchNorm statistics, no gradient computed below the top layer (EfficientNet-Lite0 at 224 px on a CPU: 1.7x faster steps, half the memory). Unlike --stem-lr-mult 0 its BatchNorm statistics do not move (default %s)" % ("on" if d.freeze_stem else "off"))
     g.add_argument("--grad-clip", type=float, default=S, metavar="X", help="clip the gradient norm to X (default: no clipping)")
     g.add_argument("--seed", type=int, default=S, metavar="N", help=f"random seed: weights, shuffling, augmentation (default {d.seed})")
     g.add_argument("--deterministic", action="store_true", default=S, help="torch.use_deterministic_algorithms (GPU; CPU runs are deterministic anyway)")

@@ -67,6 +67,7 @@ class TrainConfig:
     lr_gamma: float = 0.1  # decay factor of the "step" schedule
     backbone_lr_mult: float = 1.0  # lr multiplier of the backbone (stem + layers["top"]), e.g. 0.1 when fine-tuning weights
     stem_lr_mult: float | None = None  # lr multiplier of the stem alone (0: keep it fixed); None = backbone_lr_mult
+    freeze_stem: bool = False  # stem fixed and in eval mode (BatchNorm statistics frozen, no gradient computed)
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = no clipping
     # --- run ---
     seed: int = 0  # seeds torch, numpy, python and the per-epoch shuffling order
@@ -111,7 +112,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
-        for name in ("interpretable", "head_norm", "augment", "deterministic", "amp", "compile", "progress", "tensorboard"):
+        for name in ("interpretable", "head_norm", "freeze_stem", "augment", "deterministic", "amp", "compile", "progress", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         for name in ("arch", "dataset", "out"):
@@ -122,6 +123,8 @@ class TrainConfig:
                 raise bad(name, "must be a string")
         if self.lr <= 0:
             raise bad("lr", "must be positive")
+        if self.freeze_stem and self.stem_lr_mult:
+            raise bad("stem_lr_mult", f"{self.stem_lr_mult} contradicts freeze_stem (a frozen stem is not trained)")
         if self.mask_warmup_epochs and self.mask_warmup_epochs >= self.epochs:
             raise bad("mask_warmup_epochs", f"must be below epochs ({self.epochs}): the mask must be complete before training ends")
         if not isinstance(self.filter_loss, dict):

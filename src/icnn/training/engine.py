@@ -139,10 +139,22 @@ def build_filter_losses(
     return losses.to(device)
 
 
+def freeze_stem(model: nn.Module) -> nn.Module:
+    """Fixes ``model.stem`` for fine-tuning: no gradient (so autograd records nothing below the
+    top conv-layer) and, through ``ctx.frozen``, eval mode in every epoch (BatchNorm uses and
+    keeps its pretrained statistics). Returns the stem."""
+    stem = getattr(model, "stem", None)
+    if not isinstance(stem, nn.Module) or not any(True for _ in stem.parameters()):
+        raise ConfigError("freeze_stem: this model has no stem with parameters to freeze", field="freeze_stem",
+                          reason="this model has no stem with parameters to freeze")
+    return stem.requires_grad_(False).eval()
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Backbone (``stem`` + ``layers["top"]``) at ``lr * backbone_lr_mult``, the rest at ``lr``;
-    with ``stem_lr_mult`` set, the stem is its own group at ``lr * stem_lr_mult``."""
-    stem = list(model.stem.parameters()) if hasattr(model, "stem") else []
+    with ``stem_lr_mult`` set, the stem is its own group at ``lr * stem_lr_mult``; with
+    ``freeze_stem`` the stem is in no group (the top layer alone is the backbone group)."""
+    stem = list(model.stem.parameters()) if hasattr(model, "stem") and not cfg.freeze_stem else []
     layers = getattr(model, "layers", {})
     top = list(layers["top"].parameters()) if "top" in layers else []
     ids = {id(p) for p in stem + top}
@@ -200,6 +212,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     grad_clip: float = 0.0
     mask_warmup_epochs: float = 0.0  # the masks ramp from identity to full over this many epochs
+    frozen: nn.Module | None = None  # a frozen stem, kept in eval mode while the rest trains
 
 
 def mask_strength(warmup_epochs: float, epoch: int, batch: int, batches_per_epoch: int) -> float:
@@ -310,6 +323,8 @@ def train_one_epoch(
     ``log_every`` steps (this process's running epoch means).
     """
     ctx.net.train()
+    if ctx.frozen is not None:
+        ctx.frozen.eval()
     width = 3 + len(ctx.filter_losses)
     sums = torch.zeros(width + 1, dtype=torch.float64) if sums is None else sums.clone()
     bar = _progress(loader, enabled=progress, total=len(loader) + batches_done, desc=f"epoch {epoch}")
@@ -441,6 +456,7 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
         device=device,
         negative_class=0 if cfg.task == "single" else None,
     )
+    frozen = freeze_stem(model) if cfg.freeze_stem else None
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     use_fp16 = device.type == "cuda" and cfg.amp and cfg.amp_dtype == "float16"
@@ -460,8 +476,8 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
                 fl.load_state_dict(state["filter_losses"][name])
         except (RuntimeError, KeyError, ValueError) as exc:
             why = str(exc).splitlines()[0]
-            if "parameter groups" in why:  # the optimizer's groups: one for the stem only with stem_lr_mult set
-                why += "; was stem_lr_mult (--stem-lr-mult) set differently in the resumed run?"
+            if "parameter groups" in why or "size of optimizer's group" in why:  # the groups depend on both
+                why += "; were stem_lr_mult (--stem-lr-mult) or freeze_stem (--freeze-stem) set differently in the resumed run?"
             raise ConfigError(f"resume {resume}: checkpoint does not match this model/config ({why})") from None
         epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
         epoch_done = state["epoch_done"]
@@ -488,6 +504,7 @@ def _train(cfg: TrainConfig, device: torch.device, denv: DistEnv, *, resume, mod
         scaler=scaler,
         grad_clip=cfg.grad_clip,
         mask_warmup_epochs=cfg.mask_warmup_epochs,
+        frozen=frozen,
     )
 
     sampler = EpochSampler(train_set, num_replicas=denv.world_size, rank=denv.rank, shuffle=True, seed=cfg.seed)
