@@ -120,3 +120,23 @@ def test_pretraining_trains_the_whole_backbone_whatever_the_twins_multipliers(tm
     pre = json.loads((tmp_path / "pretrain" / "config.json").read_text())
     assert pre["stem_lr_mult"] is None and pre["backbone_lr_mult"] == 1.0 and pre["freeze_stem"] is False
     assert pre["task"] == "multi" and pre["interpretable"] is False
+
+
+def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):
+    """configs/cub200_efficientnet_lite0.toml must give compare's twins the settings of the runs
+    in docs/filter_loss.md §6 (no warm-ups: the file overrides compare's defaults)."""
+    from pathlib import Path
+
+    from icnn.cli import build_parser
+    from icnn.cli.compare import build_config as compare_config
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "cub200_efficientnet_lite0.toml"
+    args = build_parser().parse_args(["compare", "--config", str(recipe), "--root", str(tmp_path / "cub"),
+                                      "--negatives", str(tmp_path / "neg"), "--out", str(tmp_path / "run")])
+    cfg = compare_config(args)
+    assert (cfg.arch, cfg.weights, cfg.dataset, cfg.image_size) == ("efficientnet_lite0", "imagenet", "cub200", 224)
+    assert cfg.freeze_stem and cfg.head_norm and cfg.augment and cfg.stem_lr_mult is None
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_mult, cfg.lr_schedule) == (6, 32, 0.01, 0.1, "cosine")
+    assert cfg.mask_warmup_epochs == 0.0 and cfg.dataset_kwargs == {"max_negatives": 300}
+    assert cfg.filter_loss == {"lambda_": 0.6, "z_estimate": "batch", "warmup_epochs": 0}
+    assert cfg.root == str(tmp_path / "cub") and cfg.negatives_root == str(tmp_path / "neg")
