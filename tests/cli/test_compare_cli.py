@@ -104,7 +104,6 @@ def test_both_twins_start_from_the_pretrained_backbone(tmp_path):
     torch.testing.assert_close(a["layers.new.body.conv.weight"], b["layers.new.body.conv.weight"], rtol=0, atol=1e-9)
 
 
-
 def test_pretraining_trains_the_whole_backbone_whatever_the_twins_multipliers(tmp_path):
     """--stem-lr-mult / --backbone-lr-mult are fine-tuning settings of the twins: the shared
     pretraining must not keep a random stem fixed (it once did, with --stem-lr-mult 0)."""
