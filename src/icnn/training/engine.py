@@ -144,9 +144,9 @@ def freeze_stem(model: nn.Module) -> nn.Module:
     top conv-layer) and, through ``ctx.frozen``, eval mode in every epoch (BatchNorm uses and
     keeps its pretrained statistics). Returns the stem."""
     stem = getattr(model, "stem", None)
-    if not isinstance(stem, nn.Module) or not any(True for _ in stem.parameters()):
-        raise ConfigError("freeze_stem: this model has no stem with parameters to freeze", field="freeze_stem",
-                          reason="this model has no stem with parameters to freeze")
+    if not isinstance(stem, nn.Module) or next(stem.parameters(), None) is None:
+        reason = "this model has no stem with parameters to freeze"
+        raise ConfigError(f"freeze_stem: {reason}", field="freeze_stem", reason=reason)
     return stem.requires_grad_(False).eval()
 
 
