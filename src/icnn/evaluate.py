@@ -236,6 +236,8 @@ def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult
         metrics["location_instability"] = res.score
         metrics["instability_references"] = refs.summary()
         metrics["silent_fraction"] = float(res.silent_fraction.mean())
+        metrics["location_instability_firing"] = res.score_firing
+        metrics["silent_in_top"] = res.silent_in_top
         metrics["landmark_names"] = list(dataset.landmark_names)
         metrics["instability_per_landmark"] = dict(
             zip(dataset.landmark_names, torch.nanmean(res.per_filter_landmark, 0).tolist())

@@ -62,7 +62,16 @@ def test_evaluate_a_compare_run(compare_run, tmp_path):
                  "--out", str(out), "--eval-batch-size", "8"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(m["interpretable"]["location_instability"])
+    assert 0.0 <= m["interpretable"]["silent_in_top"] <= 1.0
+    assert "location_instability_firing" in m["interpretable"]
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_silent_note_only_where_silent_maps_move_the_figure():
+    from icnn.cli.evaluate import silent_note
+
+    assert silent_note(0.0, 0.1) == silent_note(0.049, 0.1) == ""
+    assert silent_note(0.25, 0.1234) == " [25% of its top images silent; firing only 0.1234]"
 
 
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys):

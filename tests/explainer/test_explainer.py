@@ -304,6 +304,9 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     for key in ("p", "performer_error", "explainer_error", "delta_error", "explainer/location_instability",
                 "performer_top/location_instability", "performer_read/location_instability", "instability_ratio"):  # fmt: skip
         assert math.isfinite(m[key]), key
+    for view in ("explainer", "performer_top", "performer_read"):
+        assert 0.0 <= m[f"{view}/silent_in_top"] <= 1.0
+        assert f"{view}/location_instability_firing" in m
     assert 0 < m["p"] < 1
     assert (out / "report.html").read_text().count("<img") >= 2  # explainer and performer panels
     assert main(argv) == 2  # --out holds a run

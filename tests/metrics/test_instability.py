@@ -173,7 +173,79 @@ def test_silent_fraction():
     assert li.compute().silent_fraction.tolist() == [0.25, 1.0]
 
 
+def test_silent_images_in_the_top_and_the_firing_only_score():
+    # image 30 x 40 -> diagonal 50. Two firing images at 0.1 and 0.2, two silent ones (score 0,
+    # argmax at the corner) at 0.5 and 0.0: with top_k 4 the silent ones enter the statistic.
+    unit_xy = torch.zeros(4, 1, 2)
+    landmarks = torch.tensor([[[3.0, 4.0]], [[6.0, 8.0]], [[15.0, 20.0]], [[0.0, 0.0]]])
+    scores = torch.tensor([[2.0], [1.0], [0.0], [0.0]])
+    li = LocationInstability(1, 1, top_k=4)
+    li.update(scores, unit_xy, landmarks, None, (30, 40))
+    r = li.compute()
+    assert r.score == pytest.approx(np.std([0.1, 0.2, 0.5, 0.0]), rel=1e-12)
+    assert r.score_firing == pytest.approx(0.05, rel=1e-12)
+    assert r.silent_in_top == 0.5
+    assert r.summary()["silent_in_top"] == 0.5
+    # top-2 holds only firing images: the two figures agree and nothing silent is counted
+    li2 = LocationInstability(1, 1, top_k=2)
+    li2.update(scores, unit_xy, landmarks, None, (30, 40))
+    r2 = li2.compute()
+    assert r2.score == r2.score_firing == pytest.approx(0.05, rel=1e-12)
+    assert r2.silent_in_top == 0.0
+
+
+def test_a_filter_silent_everywhere_has_no_firing_score():
+    li = LocationInstability(1, 1)
+    li.update(torch.zeros(3, 1), torch.zeros(3, 1, 2), torch.rand(3, 1, 2) * 10, None, (10, 10))
+    r = li.compute()
+    assert math.isfinite(r.score) and r.silent_in_top == 1.0
+    assert math.isnan(r.score_firing)
+
+
 # --------------------------------------------------------------------------- brute force + streaming
+def brute_firing(scores, unit_xy, landmarks, labels, hw, nc, top_k, categories):
+    """Brute force of ``score_firing`` and ``silent_in_top`` at given categories: the kept images
+    are the top-k of each (filter, class, landmark), the firing ones those with score > 0."""
+    scores, unit_xy, landmarks = (np.asarray(a, dtype=np.float64) for a in (scores, unit_xy, landmarks))
+    labels = np.asarray(labels)
+    n, c = scores.shape
+    k = landmarks.shape[1]
+    diag = math.sqrt(hw[0] ** 2 + hw[1] ** 2)
+    per_filter, silent, used = [], 0, 0
+    for f in range(c):
+        cls = categories[f]
+        ks_all, ks_firing, kept = [], [], []
+        for kk in range(k):
+            imgs = [i for i in range(n) if labels[i] == cls and not np.isnan(landmarks[i, kk]).any()]
+            ranked = sorted(imgs, key=lambda i: (-scores[i, f], i))[:top_k]
+            if len(ranked) >= 2:
+                ks_all.append(kk)
+                kept.append(ranked)
+            firing = [i for i in ranked if scores[i, f] > 0]
+            if len(firing) >= 2:
+                ks_firing.append(np.std([np.linalg.norm(landmarks[i, kk] - unit_xy[i, f]) / diag for i in firing]))
+        if ks_all:  # the filter enters ``score``
+            for ranked in kept:
+                used += len(ranked)
+                silent += sum(scores[i, f] <= 0 for i in ranked)
+        per_filter.append(np.mean(ks_firing) if ks_firing else np.nan)
+    return float(np.nanmean(per_filter)), silent / used
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_firing_only_score_matches_brute_force(seed):
+    scores, unit_xy, landmarks, labels = random_stream(seed)  # scores 0..5: many silent entries
+    hw = (40, 30)
+    li = LocationInstability(4, 3, num_classes=2, top_k=5)
+    li.update(scores, unit_xy, landmarks, labels, hw)
+    cats = torch.tensor([0, 1, 1, 0])
+    r = li.compute(categories=cats)
+    firing_ref, silent_ref = brute_firing(scores, unit_xy, landmarks, labels, hw, 2, 5, cats.tolist())
+    assert r.score_firing == pytest.approx(firing_ref, rel=1e-12)
+    assert r.silent_in_top == pytest.approx(silent_ref, rel=1e-12)
+    assert 0 < r.silent_in_top < 1
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_brute_force_and_streaming_is_exact(seed):
     scores, unit_xy, landmarks, labels = random_stream(seed)

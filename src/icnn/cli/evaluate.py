@@ -122,9 +122,17 @@ def summary_line(name: str, m: dict) -> str:
         r = m["instability_references"]
         parts.append(f"location instability {m['location_instability']:.4f} (random unit {r['random_unit']:.4f}, "
                      f"best fixed unit {r['best_fixed_unit']:.4f})")
+        parts[-1] += silent_note(m.get("silent_in_top", 0.0), m.get("location_instability_firing"))
     if "part_interpretability" in m:
         parts.append(f"part interpretability {m['part_interpretability']:.4f}")
     return ", ".join(parts)
+
+
+def silent_note(silent_in_top: float, firing: float | None, *, warn_at: float = 0.05) -> str:
+    """`` [..% of the top images silent; firing only ..]`` where silent maps move the figure."""
+    if silent_in_top < warn_at or firing is None:
+        return ""
+    return f" [{silent_in_top:.0%} of its top images silent; firing only {firing:.4f}]"
 
 
 def dump(obj) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import UsageError
 from ._common import existing_dir, fresh_out_dir, parse_device
+from .evaluate import silent_note
 
 # argparse dest -> ExplainerConfig field
 FLAGS = {
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if "instability_ratio" in m:
         line += (f"  instability: explainer {m['explainer/location_instability']:.4f}, performer top "
                  f"{m['performer_top/location_instability']:.4f} (ratio {m['instability_ratio']:.3f})")  # fmt: skip
+        line += silent_note(m["explainer/silent_in_top"], m["explainer/location_instability_firing"])
     print(line)
     print(f"metrics: {out / 'metrics.json'}\nreport: {out / 'report.html'}")
     return 0

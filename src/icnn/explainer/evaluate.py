@@ -180,6 +180,8 @@ def _evaluate(performer, explainer, dataset, layer, batch_size, top_k, draws, se
             refs = inst[name].references(centers[name], draws=draws, seed=seed)
             metrics[f"{name}/location_instability"] = res.score
             metrics[f"{name}/silent_fraction"] = float(res.silent_fraction.mean())
+            metrics[f"{name}/location_instability_firing"] = res.score_firing
+            metrics[f"{name}/silent_in_top"] = res.silent_in_top
             metrics[f"{name}/references"] = refs.summary()
         top_score = metrics["performer_top/location_instability"]
         metrics["instability_ratio"] = metrics["explainer/location_instability"] / top_score if top_score else float("nan")
@@ -254,6 +256,8 @@ def write_explainer_report(path: str | Path, performer: nn.Module, explainer: Ex
             refs = m[f"{name}/references"]
             rows.append([f"location instability, {label}", m[f"{name}/location_instability"],
                          f"random unit {refs['random_unit']:.3f}, best fixed unit {refs['best_fixed_unit']:.3f}"])  # fmt: skip
+            rows.append([f"share of its top images that were silent (firing only: {m[f'{name}/location_instability_firing']:.4f})",
+                         m[f"{name}/silent_in_top"], "silent maps sit at unit (0, 0)"])  # fmt: skip
         rows.append(["instability ratio explainer / performer top", m["instability_ratio"], "0.36-0.69 (Table 1)"])
     if "explainer/part_interpretability" in m:
         for name, label in (("explainer", "conv-interp-2 (explainer)"), ("performer_top", f"performer top conv-layer ({m['performer_top_layer']})"),

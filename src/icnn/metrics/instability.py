@@ -21,7 +21,11 @@ Choices that the paper leaves open, fixed here:
   ordinary nets, or ``mean_f mean_{k in Part_{c_f}} D_fkc_f`` given each filter's category ``c_f``.
   A class without landmarks (e.g. the negatives of a single-category set) drops out of the min.
 - A silent map (all zeros) has its argmax at unit (0, 0): such a filter looks like a fixed-unit
-  filter. ``silent_fraction`` reports how often each filter's maximum was ``<= 0``.
+  filter. ``silent_fraction`` reports how often each filter's maximum was ``<= 0``;
+  ``silent_in_top`` how many of the images behind ``score`` were silent, and ``score_firing`` is
+  the same statistic with those images left out (the top-``top_k`` kept per (filter, class,
+  landmark) minus its silent ones). The two agree when no kept image is silent; where they part,
+  silent maps pinned to unit (0, 0) are moving the figure.
 
 Reference points (SPEC §5): ``instability_references`` gives the same statistic for a filter firing
 at a uniformly random unit (seeded Monte-Carlo) and for the best fixed unit of the map.
@@ -117,6 +121,12 @@ def _population_std(d: torch.Tensor, valid: torch.Tensor, min_count: int = 2) ->
     return torch.where(n >= min_count, std, torch.full_like(std, float("nan"))), n
 
 
+def _mean_finite(x: torch.Tensor) -> float:
+    """Mean of the non-NaN entries; NaN when there are none."""
+    ok = ~torch.isnan(x)
+    return float(x[ok].mean()) if bool(ok.any()) else float("nan")
+
+
 def _nanmin(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Min over ``dim`` ignoring NaN (first index on ties); NaN / index 0 where all NaN."""
     filled = torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x)
@@ -154,11 +164,15 @@ class InstabilityResult:
     annotated: torch.Tensor  # (NC, K) images of class c annotated with landmark k
     silent_fraction: torch.Tensor  # (C,) fraction of images whose map maximum was <= 0
     landmark_names: list[str] = field(default_factory=list)
+    silent_in_top: float = 0.0  # share of the kept images behind ``score`` whose maximum was <= 0
+    score_firing: float = float("nan")  # ``score`` with those silent images left out
 
     def summary(self) -> dict:
         return {
             "location_instability": self.score,
+            "location_instability_firing": self.score_firing,
             "silent_fraction": float(self.silent_fraction.mean()),
+            "silent_in_top": self.silent_in_top,
             "filters_evaluated": int((~torch.isnan(self.per_filter)).sum()),
         }
 
@@ -283,8 +297,16 @@ class LocationInstability:
                 )
         per_class, per_filter, cat = _class_scores(d_ck, parts.bool(), categories)
         per_fk = d_ck.gather(1, cat[:, None, None].expand(-1, 1, self.num_landmarks))[:, 0]
-        ok = ~torch.isnan(per_filter)
-        score = float(per_filter[ok].mean()) if bool(ok.any()) else float("nan")
+        score = _mean_finite(per_filter)
+        # the same with silent kept images left out, and how many there were behind ``score``
+        firing = valid & (self._score > 0)
+        d_firing, _ = _population_std(self._dist, firing)
+        _, per_filter_firing, _ = _class_scores(d_firing, parts.bool(), categories)
+        pick = cat[:, None, None, None].expand(-1, 1, *valid.shape[2:])  # each filter's class
+        used = valid.gather(1, pick)[:, 0] & parts.bool()[cat][:, :, None]  # (C, K, kept)
+        used &= ~torch.isnan(per_fk)[:, :, None]  # the (filter, landmark)s that enter ``score``
+        silent_used = used & (self._score.gather(1, pick)[:, 0] <= 0)
+        silent_in_top = float(silent_used.sum().double() / used.sum()) if bool(used.any()) else 0.0
         return InstabilityResult(
             score=score,
             per_filter=per_filter,
@@ -296,6 +318,8 @@ class LocationInstability:
             annotated=self.annotated.clone(),
             silent_fraction=self.silent.double() / self.seen,
             landmark_names=list(self.landmark_names),
+            silent_in_top=silent_in_top,
+            score_firing=_mean_finite(per_filter_firing),
         )
 
     def top_images(self) -> torch.Tensor:

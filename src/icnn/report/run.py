@@ -25,6 +25,8 @@ COMPARISON_KEYS = [
     "dissection.dissection_detectors",
     "dissection.dissection_unique_concepts",
     "silent_fraction",
+    "silent_in_top",
+    "location_instability_firing",
 ]
 
 
@@ -79,7 +81,8 @@ def _filter_figures(name: str, model, dataset, result, layer: str, count: int, t
 def run_sections(name: str, model, dataset, result, *, layer: str = "new", panels: int = 4, top: int = 6) -> list[Section]:
     """Sections for one evaluated network: Fig. 4 panels, Fig. 5 top images, Fig. 6 part maps."""
     m = result.metrics
-    rows = [[k, m[k]] for k in ("accuracy", "location_instability", "part_interpretability", "silent_fraction") if k in m]
+    rows = [[k, m[k]] for k in ("accuracy", "location_instability", "location_instability_firing", "part_interpretability",
+                                "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
     for k, v in m.get("instability_references", {}).items():
         rows.append([f"instability reference: {k}", v])
     for k, v in m.get("instability_per_landmark", {}).items():
