@@ -254,6 +254,15 @@ def test_bad_logit_weight_is_one_line():
         ExplainerConfig(logit_weight=-1.0).validate()
 
 
+def test_resume_refuses_a_config_that_changes_what_it_computes(tmp_path):
+    perf = gap_performer()
+    train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=1))
+    with pytest.raises(ExplainerError, match=r"trained with lambda_f_scale = .*asks for 3\.0"):
+        train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=2, lambda_f_scale=3.0), resume=tmp_path / "run")
+    res = train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=2, log_every=1), resume=tmp_path / "run")  # how it runs: fine
+    assert [h["epoch"] for h in res.history] == [2]  # the epoch this call trained
+
+
 # --------------------------------------------------------------------------------- performer untouched
 
 
@@ -311,10 +320,25 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert (out / "report.html").read_text().count("<img") >= 2  # explainer and performer panels
     assert main(argv) == 2  # --out holds a run
     assert "already holds a run" in capsys.readouterr().err
-    argv[argv.index("--epochs") + 1] = "2"
-    assert main([*argv, "--resume"]) == 0
+    # a resumed run keeps what it computes: a flag that changes it is refused, naming the flag ...
+    assert main([*argv[:argv.index("--lambda-f-scale")], "--lambda-f-scale", "3", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("icnn: error: --lambda-f-scale: a resumed run keeps")
+    # ... and --resume with --epochs alone continues with the saved settings, not the defaults
+    short = ["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "2", "--device", "cpu",
+             "--top-k", "4", "--panels", "1", "--no-progress", "--resume"]  # fmt: skip
+    assert main(short) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["logit_weight"], saved["lambda_f_scale"], saved["batch_size"], saved["epochs"]) == (0.5, 0.01, 4, 2)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    # another performer (different weights) cannot continue it
+    torch.manual_seed(1)
+    other = build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32, head_norm=True)
+    save_checkpoint(tmp_path / "perf2", other, {"epoch": 1}, tcfg.to_dict())
+    short[short.index("--performer") + 1] = str(tmp_path / "perf2")
+    assert main(short) == 2
+    assert "not the performer the run in" in capsys.readouterr().err
     assert main(["explain", "--performer", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "--performer" in capsys.readouterr().err
 

@@ -127,6 +127,53 @@ def load_performer(path: str, device: str):
     return model.to(dev).eval().requires_grad_(False), tcfg, dev
 
 
+def _resumed_values(out: Path, given: dict, performer: str) -> dict:
+    """The settings of the run in ``out`` with the flags given now: those that change how it runs
+    (``--epochs``, ``--device``, workers, logging) win; one that changes what it computes is a
+    UsageError naming the flag."""
+    from icnn.explainer.train import RESUME_OVERRIDABLE, ExplainerConfig
+    from icnn.training.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
+
+    try:
+        ckpt_dir = resolve_checkpoint(out)
+        saved = json.loads((ckpt_dir / CONFIG_FILE).read_text())
+    except (CheckpointError, OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--resume: {out} holds no explainer run to continue ({exc})") from None
+    digest = saved.get("performer_weights_sha256")
+    if digest is not None and digest != _weights_digest(performer):
+        raise UsageError(f"--performer {performer}: not the performer the run in {out} explains "
+                         f"({saved.get('performer')}, weights sha256 {digest[:12]}...)")  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(ExplainerConfig)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    for key, value in given.items():
+        if key not in RESUME_OVERRIDABLE and values.get(key) != value:
+            raise UsageError(f"{_flag_of(key)}: a resumed run keeps its checkpoint's setting ({key} = {values.get(key)!r}); "
+                             "drop it or start a new run")  # fmt: skip
+        values[key] = value
+    return values
+
+
+def _weights_digest(performer: str) -> str:
+    """sha256 of the performer's weights file: what a resumed run checks, wherever it was moved."""
+    import hashlib
+
+    from icnn.training.checkpoint import WEIGHTS_FILE, resolve_checkpoint
+
+    h = hashlib.sha256()
+    with open(resolve_checkpoint(performer) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flag_of(field: str) -> str:
+    special = {"objective": "--baseline", "reconstruct": "--reconstruct", "filter_loss": "--filter-loss", "progress": "--no-progress"}
+    if field in special:
+        return special[field]
+    dest = next((d for d, f in FLAGS.items() if f == field), field)
+    return "--" + dest.replace("_", "-")
+
+
 def run(args: argparse.Namespace) -> int:
     from icnn.data import build_dataset
     from icnn.explainer import ExplainerConfig, evaluate_explainer, train_explainer, write_explainer_report
@@ -150,8 +197,7 @@ def run(args: argparse.Namespace) -> int:
     values.update(device=str(dev), out=args.out)
     out = Path(args.out)
     if args.resume:
-        if not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
-            raise UsageError(f"--resume: {out} holds no explainer run to continue")
+        values = _resumed_values(out, values, args.performer)
     else:
         fresh_out_dir(out, hint="; continue it with --resume or choose another --out")
     cfg = ExplainerConfig.from_dict(values)
@@ -167,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = train_explainer(performer, train_set, cfg, resume=out if args.resume else None,
-                                 extra_config={"performer": str(args.performer), "dataset": dataset})  # fmt: skip
+                                 extra_config={"performer": str(args.performer), "dataset": dataset,
+                                               "performer_weights_sha256": _weights_digest(args.performer)})  # fmt: skip
     except NonFiniteLossError as exc:
         print(f"icnn: error: {exc}", file=sys.stderr)
         return 1

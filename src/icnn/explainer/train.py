@@ -137,6 +137,17 @@ class ExplainerConfig:
         return cls(**d).validate()
 
 
+# What a resumed run may change: how it runs, not what it computes.
+RESUME_OVERRIDABLE = frozenset({"epochs", "out", "device", "num_workers", "log_every", "checkpoint_every", "progress"})
+
+
+def resume_conflicts(cfg: ExplainerConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, cfg's value)}`` for every setting a resumed run may not change."""
+    fields = {f.name for f in dataclasses.fields(ExplainerConfig)} - RESUME_OVERRIDABLE
+    now = cfg.to_dict()
+    return {k: (saved[k], now[k]) for k in sorted(fields) if k in saved and saved[k] != now[k]}
+
+
 def default_eta(performer: nn.Module) -> float:
     """Paper §4: 1.5e5 for VGG-16 ("more conv-layers"), 1e6 otherwise."""
     return 1.5e5 if getattr(performer, "arch", "") == "vgg16" else 1e6
@@ -385,7 +396,12 @@ def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_confi
                         pin_memory=device.type == "cuda")  # fmt: skip
     epoch, step, batches_done = 1, 0, 0
     if ckpt is not None:
-        weights, state, _ = ckpt
+        weights, state, saved = ckpt
+        conflicts = resume_conflicts(cfg, saved or {})
+        if conflicts:
+            key, (was, now) = next(iter(conflicts.items()))
+            raise ExplainerError(f"resume: the checkpoint was trained with {key} = {was!r}, this run asks for {now!r}; "
+                                 "a resumed run keeps what it computes (only epochs, device, workers and logging may change)")  # fmt: skip
         try:
             explainer.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
