@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run)
     p.add_argument("--performer", required=True, metavar="PATH", help="the performer: an `icnn train` output directory or its checkpoint/")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings "
+                        "(--epochs, --device, workers and logging may change; the rest must match)")
     g = p.add_argument_group("data (default: the performer's)")
     g.add_argument("--dataset", default=None, metavar="NAME", help="dataset from icnn.data")
     g.add_argument("--root", default=None, metavar="DIR", help="dataset root directory")
