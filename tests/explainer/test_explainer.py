@@ -392,3 +392,13 @@ def test_part_interpretability_is_skipped_without_part_masks():
     m = evaluate_explainer(perf, ex, _NoParts(tiny_set("test", n=8)), batch_size=4, top_k=3, reference_draws=1).metrics
     assert not any("part_interpretability" in k for k in m)
     assert math.isfinite(m["explainer/location_instability"])  # the rest is still measured
+
+
+def test_weak_filter_loss_hint_only_when_the_filters_hardly_moved():
+    from icnn.cli.explain import weak_filter_loss_hint
+
+    assert weak_filter_loss_hint({}, 1 / 300) == ""  # no landmarks: no instability
+    assert weak_filter_loss_hint({"instability_ratio": 0.66}, 8.0) == ""
+    assert weak_filter_loss_hint({"instability_ratio": float("nan")}, 1 / 300) == ""
+    hint = weak_filter_loss_hint({"instability_ratio": 0.95}, 1 / 300)
+    assert hint.startswith("icnn: note:") and "ratio 0.95 at --lambda-f-scale 0.003333" in hint

@@ -235,5 +235,19 @@ def run(args: argparse.Namespace) -> int:
                  f"{m['performer_top/location_instability']:.4f} (ratio {m['instability_ratio']:.3f})")  # fmt: skip
         line += silent_note(m["explainer/silent_in_top"], m["explainer/location_instability_firing"])
     print(line)
+    hint = weak_filter_loss_hint(m, cfg.lambda_f_scale)
+    if hint:
+        print(hint, file=sys.stderr)
     print(f"metrics: {out / 'metrics.json'}\nreport: {out / 'report.html'}")
     return 0
+
+
+def weak_filter_loss_hint(m: dict, scale: float, *, at: float = 0.9) -> str:
+    """A note when conv-interp-2 is hardly more stable than the performer's top layer: the
+    Appendix's lambda_f was far too weak on real features (docs/explainer.md)."""
+    ratio = m.get("instability_ratio")
+    if ratio is None or not ratio >= at:
+        return ""
+    return (f"icnn: note: the explainer's filters are hardly more stable than the performer's (ratio {ratio:.2f} at "
+            f"--lambda-f-scale {scale:.4g}); on real birds the Appendix's weight was far too weak and "
+            "--lambda-f-scale 8 gave 0.66x (docs/explainer.md, 'Real birds')")
