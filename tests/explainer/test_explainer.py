@@ -4,6 +4,7 @@ track, lambda_l / lambda_f, and `icnn explain` end to end on tiny synthetic imag
 
 import json
 import math
+from pathlib import Path
 from collections import OrderedDict
 
 import pytest
@@ -305,7 +306,8 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ex"
     argv = ["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "1", "--batch-size", "4",
             "--device", "cpu", "--top-k", "4", "--panels", "1", "--no-progress",
-            "--logit-weight", "0.5", "--lambda-f-scale", "0.01"]  # fmt: skip
+            "--config", str(tmp_path / "explain.toml"), "--lambda-f-scale", "0.01"]  # fmt: skip
+    (tmp_path / "explain.toml").write_text("logit_weight = 0.5\nlambda_f_scale = 1.0\n")  # the flag wins over the file
     assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["logit_weight"] == 0.5 and saved["lambda_f_scale"] == 0.01
@@ -402,3 +404,20 @@ def test_weak_filter_loss_hint_only_when_the_filters_hardly_moved():
     assert weak_filter_loss_hint({"instability_ratio": float("nan")}, 1 / 300) == ""
     hint = weak_filter_loss_hint({"instability_ratio": 0.95}, 1 / 300)
     assert hint.startswith("icnn: note:") and "ratio 0.95 at --lambda-f-scale 0.003333" in hint
+
+
+def test_explain_config_file_holds_the_measured_settings(tmp_path):
+    from icnn.cli import explain as cli
+    from icnn.cli import UsageError
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "explain_cub200_efficientnet_lite0.toml"
+    values = cli._config_file_values(str(path))
+    # the settings behind docs/explainer.md's "Real birds" 3-seed row
+    assert values == {"epochs": 5, "lr": 1e-3, "logit_weight": 10.0, "lambda_f_scale": 8.0}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lambda_f_scale = -1\n")
+    with pytest.raises(UsageError, match=r"^--config .*bad\.toml: lambda_f_scale must be a finite number >= 0"):
+        cli._config_file_values(str(bad))
+    bad.write_text("lamda_f_scale = 8\n")
+    with pytest.raises(UsageError, match=r"unknown explainer option\(s\): lamda_f_scale"):
+        cli._config_file_values(str(bad))

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from ._common import existing_dir, fresh_out_dir, parse_device
+from ._common import existing_dir, fresh_out_dir, load_config_file, parse_device
 from .evaluate import silent_note
 
 # argparse dest -> ExplainerConfig field
@@ -53,6 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run)
     p.add_argument("--performer", required=True, metavar="PATH", help="the performer: an `icnn train` output directory or its checkpoint/")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a TOML/YAML/JSON file (ExplainerConfig field names; flags given here win), "
+                        "e.g. configs/explain_cub200_efficientnet_lite0.toml")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with its saved settings "
                         "(--epochs, --device, workers and logging may change; the rest must match)")
     g = p.add_argument_group("data (default: the performer's)")
@@ -128,6 +131,18 @@ def load_performer(path: str, device: str):
     return model.to(dev).eval().requires_grad_(False), tcfg, dev
 
 
+def _config_file_values(path: str) -> dict:
+    """ExplainerConfig settings from a TOML/YAML/JSON file; UsageError naming the file."""
+    from icnn.explainer import ExplainerConfig, ExplainerError
+
+    values = load_config_file(path)
+    try:
+        ExplainerConfig.from_dict(values)
+    except (ExplainerError, TypeError) as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    return values
+
+
 def _resumed_values(out: Path, given: dict, performer: str) -> dict:
     """The settings of the run in ``out`` with the flags given now: those that change how it runs
     (``--epochs``, ``--device``, workers, logging) win; one that changes what it computes is a
@@ -188,13 +203,14 @@ def run(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():  # torchrun: one GPU per process, as icnn train
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
     performer, tcfg, dev = load_performer(args.performer, device)
-    values = {f: getattr(args, d) for d, f in FLAGS.items() if hasattr(args, d)}
+    file_values = _config_file_values(args.config) if args.config else {}
+    values = {**file_values, **{f: getattr(args, d) for d, f in FLAGS.items() if hasattr(args, d)}}
     if args.reconstruct:
         values["reconstruct"] = [t.strip() for t in args.reconstruct.split(",") if t.strip()]
     if args.baseline == "cls":
         values["objective"] = "cls"
     if args.filter_loss:
-        values["filter_loss"] = _key_values("--filter-loss", args.filter_loss)
+        values["filter_loss"] = {**file_values.get("filter_loss", {}), **_key_values("--filter-loss", args.filter_loss)}
     values.update(device=str(dev), out=args.out)
     out = Path(args.out)
     if args.resume:
