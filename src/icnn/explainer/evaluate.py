@@ -247,7 +247,7 @@ def write_explainer_report(path: str | Path, performer: nn.Module, explainer: Ex
     rows = [["p (share of the interpretable track)", m["p"], "0.58-0.96 (Table 2)"],
             ["performer classification error", m["performer_error"], ""],
             ["error with reconstructed features", m["explainer_error"], ""],
-            ["delta error", m["delta_error"], "0.14-1.02 points (Table 3)"]]  # fmt: skip
+            ["delta error (points)", 100 * m["delta_error"], "+0.14 to +1.02 points (Table 3)"]]  # fmt: skip
     for t, v in m["relative_reconstruction_error"].items():
         rows.append([f"relative reconstruction error of {t}", v, ""])
     if "instability_ratio" in m:
