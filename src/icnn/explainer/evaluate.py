@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..evaluate import EvalConfig, _MapCache
+from ..mask import PartMask
 from ..metrics.instability import LocationInstability, argmax_units
 from ..metrics.part_iou import PartInterpretability
 from ..metrics.quantile import TopQuantile
@@ -285,9 +286,13 @@ def write_explainer_report(path: str | Path, performer: nn.Module, explainer: Ex
             else:
                 x, masked = perf.maps.relu[top][0, f].cpu(), perf.maps.masked[top][0, f].cpu()
                 layer_mask = performer.layers[top].mask
-                mask = layer_mask.mask(perf.maps.relu[top])[0, f].cpu() if layer_mask is not None else torch.ones_like(x)
+                if layer_mask is not None:
+                    mask = layer_mask.mask(perf.maps.relu[top])[0, f].cpu()
+                else:  # ordinary performer: no mask; the template a mask layer would pick (as icnn evaluate shows)
+                    mask = PartMask().mask(x[None, None].float())[0, 0]
                 title = f"performer {top}, filter {f}, image {idx}"
             figures.append(Figure(_panel(image, x, mask, masked, title), title))
     panels_sec = Section("Filters: explainer (left) and performer (right)", figures=figures,
-                         text="Each filter on the image that activates it most: map after ReLU, mask, masked map, receptive field.")  # fmt: skip
+                         text="Each filter on the image that activates it most: map after ReLU, mask (an ordinary performer has "
+                              "none: the template a mask layer would pick), masked map, receptive field.")  # fmt: skip
     return write_report(path, "icnn explainer", [summary, panels_sec], config=config, meta={"images": m["num_images"]})
