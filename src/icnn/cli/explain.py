@@ -266,5 +266,5 @@ def weak_filter_loss_hint(m: dict, scale: float, *, at: float = 0.9) -> str:
         return ""
     return (f"icnn: note: the explainer's filters are hardly more stable than the performer's (ratio {ratio:.2f} at "
             f"--lambda-f-scale {scale:.4g}); on real birds the Appendix's weight was far too weak and "
-            "--lambda-f-scale 8 gave 0.67x over 3 seeds (configs/explain_cub200_efficientnet_lite0.toml, "
+            "--lambda-f-scale 8 gave 0.58x (configs/explain_cub200_efficientnet_lite0.toml, "
             "docs/explainer.md 'Real birds')")
