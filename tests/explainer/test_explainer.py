@@ -326,6 +326,10 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert main([*argv[:argv.index("--lambda-f-scale")], "--lambda-f-scale", "3", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("icnn: error: --lambda-f-scale: a resumed run keeps")
+    # ... or, when it comes from --config, the file
+    (tmp_path / "other.toml").write_text("logit_weight = 2.0\n")
+    assert main([*argv[:argv.index("--config")], "--config", str(tmp_path / "other.toml"), "--lambda-f-scale", "0.01", "--resume"]) == 2
+    assert "other.toml (logit_weight): a resumed run keeps its checkpoint's setting (logit_weight = 0.5)" in capsys.readouterr().err
     # ... and --resume with --epochs alone continues with the saved settings, not the defaults
     short = ["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "2", "--device", "cpu",
              "--top-k", "4", "--panels", "1", "--no-progress", "--resume"]  # fmt: skip

@@ -143,10 +143,10 @@ def _config_file_values(path: str) -> dict:
     return values
 
 
-def _resumed_values(out: Path, given: dict, performer: str) -> dict:
+def _resumed_values(out: Path, given: dict, performer: str, file_only: dict | None = None) -> dict:
     """The settings of the run in ``out`` with the flags given now: those that change how it runs
     (``--epochs``, ``--device``, workers, logging) win; one that changes what it computes is a
-    UsageError naming the flag."""
+    UsageError naming the flag (or the config file, for ``file_only`` settings: ``{field: path}``)."""
     from icnn.explainer.train import RESUME_OVERRIDABLE, ExplainerConfig
     from icnn.training.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
 
@@ -163,7 +163,8 @@ def _resumed_values(out: Path, given: dict, performer: str) -> dict:
     values = {k: v for k, v in saved.items() if k in fields}
     for key, value in given.items():
         if key not in RESUME_OVERRIDABLE and values.get(key) != value:
-            raise UsageError(f"{_flag_of(key)}: a resumed run keeps its checkpoint's setting ({key} = {values.get(key)!r}); "
+            where = f"--config {file_only[key]} ({key})" if file_only and key in file_only else _flag_of(key)
+            raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {values.get(key)!r}); "
                              "drop it or start a new run")  # fmt: skip
         values[key] = value
     return values
@@ -214,7 +215,11 @@ def run(args: argparse.Namespace) -> int:
     values.update(device=str(dev), out=args.out)
     out = Path(args.out)
     if args.resume:
-        values = _resumed_values(out, values, args.performer)
+        flagged = {f for d, f in FLAGS.items() if hasattr(args, d)} | ({"filter_loss"} if args.filter_loss else set())
+        flagged |= {"reconstruct"} if args.reconstruct else set()
+        flagged |= {"objective"} if args.baseline else set()
+        file_only = {k: args.config for k in file_values if k not in flagged}
+        values = _resumed_values(out, values, args.performer, file_only)
     else:
         fresh_out_dir(out, hint="; continue it with --resume or choose another --out")
     cfg = ExplainerConfig.from_dict(values)
