@@ -24,11 +24,17 @@ class PlotError(ValueError):
     pass
 
 
-def _evaluate_dir(path: Path) -> dict:
+def _metrics(path: Path, missing: str) -> dict:
+    """``path/metrics.json``, or PlotError(``missing``)."""
     file = path / "metrics.json"
     if not file.is_file():
-        raise PlotError(f"{file}: no such file")
-    m = json.loads(file.read_text())
+        raise PlotError(missing)
+    return json.loads(file.read_text())
+
+
+def _evaluate_dir(path: Path) -> dict:
+    file = path / "metrics.json"
+    m = _metrics(path, f"{file}: no such file")
     kinds = [k for k in ("ordinary", "interpretable") if k in m]
     if len(kinds) != 1:
         raise PlotError(f"{file}: expected the metrics.json of one `icnn evaluate` run")
@@ -50,10 +56,7 @@ def read_pair(spec: str) -> tuple[dict, dict]:
         conv = lambda r: {"accuracy": r["acc"], "location_instability": r["instab"],  # noqa: E731
                           "instability_references": {k: r[k] for k in ("random_unit", "best_fixed_unit")}}
         return conv(res["ordinary"]), conv(res["interp"])
-    file = path / "metrics.json"
-    if not file.is_file():
-        raise PlotError(f"{spec}: neither a compare run, an ORDINARY+INTERPRETABLE pair nor a probe log")
-    m = json.loads(file.read_text())
+    m = _metrics(path, f"{spec}: neither a compare run, an ORDINARY+INTERPRETABLE pair nor a probe log")
     return m["ordinary"], m["interpretable"]
 
 

@@ -32,6 +32,9 @@ FLAGS = {
     "optimizer": "optimizer", "seed": "seed", "num_workers": "num_workers", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "progress": "progress",
 }  # fmt: skip
+# ExplainerConfig field -> the flag that sets it (for error messages)
+FLAG_OF = {field: "--" + dest.replace("_", "-") for dest, field in FLAGS.items()}
+FLAG_OF.update({"objective": "--baseline", "reconstruct": "--reconstruct", "filter_loss": "--filter-loss", "progress": "--no-progress"})
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -143,11 +146,12 @@ def _config_file_values(path: str) -> dict:
     return values
 
 
-def _resumed_values(out: Path, given: dict, performer: str, file_only: dict | None = None) -> dict:
-    """The settings of the run in ``out`` with the flags given now: those that change how it runs
-    (``--epochs``, ``--device``, workers, logging) win; one that changes what it computes is a
-    UsageError naming the flag (or the config file, for ``file_only`` settings: ``{field: path}``)."""
-    from icnn.explainer.train import RESUME_OVERRIDABLE, ExplainerConfig
+def _resumed_values(out: Path, given: dict, performer: str, digest: str, file_only: dict) -> dict:
+    """The settings of the run in ``out`` with those given now (``resume_conflicts`` decides
+    which may change); a conflict is a UsageError naming the flag, or the config file for the
+    ``file_only`` settings (``{field: path}``). ``digest``: sha256 of ``performer``'s weights."""
+    from icnn.explainer import ExplainerConfig, ExplainerError
+    from icnn.explainer.train import resume_conflicts
     from icnn.training.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint
 
     try:
@@ -155,18 +159,21 @@ def _resumed_values(out: Path, given: dict, performer: str, file_only: dict | No
         saved = json.loads((ckpt_dir / CONFIG_FILE).read_text())
     except (CheckpointError, OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--resume: {out} holds no explainer run to continue ({exc})") from None
-    digest = saved.get("performer_weights_sha256")
-    if digest is not None and digest != _weights_digest(performer):
+    was = saved.get("performer_weights_sha256")
+    if was is not None and was != digest:
         raise UsageError(f"--performer {performer}: not the performer the run in {out} explains "
-                         f"({saved.get('performer')}, weights sha256 {digest[:12]}...)")  # fmt: skip
+                         f"({saved.get('performer')}, weights sha256 {was[:12]}...)")  # fmt: skip
     fields = {f.name for f in dataclasses.fields(ExplainerConfig)}
-    values = {k: v for k, v in saved.items() if k in fields}
-    for key, value in given.items():
-        if key not in RESUME_OVERRIDABLE and values.get(key) != value:
-            where = f"--config {file_only[key]} ({key})" if file_only and key in file_only else _flag_of(key)
-            raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {values.get(key)!r}); "
-                             "drop it or start a new run")  # fmt: skip
-        values[key] = value
+    values = {**{k: v for k, v in saved.items() if k in fields}, **given}
+    try:
+        conflicts = resume_conflicts(ExplainerConfig.from_dict(values), saved)
+    except ExplainerError as exc:
+        raise UsageError(str(exc)) from None
+    if conflicts:
+        key, (was_value, _) = next(iter(conflicts.items()))
+        where = f"--config {file_only[key]} ({key})" if key in file_only else FLAG_OF.get(key, key)
+        raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {was_value!r}); "
+                         "drop it or start a new run")  # fmt: skip
     return values
 
 
@@ -183,14 +190,6 @@ def _weights_digest(performer: str) -> str:
     return h.hexdigest()
 
 
-def _flag_of(field: str) -> str:
-    special = {"objective": "--baseline", "reconstruct": "--reconstruct", "filter_loss": "--filter-loss", "progress": "--no-progress"}
-    if field in special:
-        return special[field]
-    dest = next((d for d, f in FLAGS.items() if f == field), field)
-    return "--" + dest.replace("_", "-")
-
-
 def run(args: argparse.Namespace) -> int:
     from icnn.data import build_dataset
     from icnn.explainer import ExplainerConfig, evaluate_explainer, train_explainer, write_explainer_report
@@ -205,21 +204,19 @@ def run(args: argparse.Namespace) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')))}"
     performer, tcfg, dev = load_performer(args.performer, device)
     file_values = _config_file_values(args.config) if args.config else {}
-    values = {**file_values, **{f: getattr(args, d) for d, f in FLAGS.items() if hasattr(args, d)}}
+    flag_values = {f: getattr(args, d) for d, f in FLAGS.items() if hasattr(args, d)}
     if args.reconstruct:
-        values["reconstruct"] = [t.strip() for t in args.reconstruct.split(",") if t.strip()]
+        flag_values["reconstruct"] = [t.strip() for t in args.reconstruct.split(",") if t.strip()]
     if args.baseline == "cls":
-        values["objective"] = "cls"
+        flag_values["objective"] = "cls"
     if args.filter_loss:
-        values["filter_loss"] = {**file_values.get("filter_loss", {}), **_key_values("--filter-loss", args.filter_loss)}
-    values.update(device=str(dev), out=args.out)
+        flag_values["filter_loss"] = {**file_values.get("filter_loss", {}), **_key_values("--filter-loss", args.filter_loss)}
+    values = {**file_values, **flag_values, "device": str(dev), "out": args.out}
     out = Path(args.out)
+    digest = _weights_digest(args.performer)
     if args.resume:
-        flagged = {f for d, f in FLAGS.items() if hasattr(args, d)} | ({"filter_loss"} if args.filter_loss else set())
-        flagged |= {"reconstruct"} if args.reconstruct else set()
-        flagged |= {"objective"} if args.baseline else set()
-        file_only = {k: args.config for k in file_values if k not in flagged}
-        values = _resumed_values(out, values, args.performer, file_only)
+        file_only = {k: args.config for k in file_values.keys() - flag_values.keys()}
+        values = _resumed_values(out, values, args.performer, digest, file_only)
     else:
         fresh_out_dir(out, hint="; continue it with --resume or choose another --out")
     cfg = ExplainerConfig.from_dict(values)
@@ -236,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train_explainer(performer, train_set, cfg, resume=out if args.resume else None,
                                  extra_config={"performer": str(args.performer), "dataset": dataset,
-                                               "performer_weights_sha256": _weights_digest(args.performer)})  # fmt: skip
+                                               "performer_weights_sha256": digest})  # fmt: skip
     except NonFiniteLossError as exc:
         print(f"icnn: error: {exc}", file=sys.stderr)
         return 1
