@@ -1,13 +1,21 @@
-"""Evaluate a network's interpretability: one streaming pass over a dataset, then the metrics.
+"""Evaluate a network's interpretability: one streaming pass over a dataset, one metric suite.
 
-Pass 1 (the only pass over the data) runs the network once per batch and feeds the streaming
-accumulators: accuracy, location instability (top-100 per filter and landmark), the exact
-top-0.5% threshold of every filter, the per-class activation sums that assign each filter its
-category, and the part-location density of Fig. 6. The masked maps of the evaluated layer and the
-part masks are cached (float16 maps, bit-packed masks; in memory, or on disk under
-``cache_dir``), so pass 2 -- part interpretability and Network Dissection, which need the
-thresholds of the whole dataset first -- replays the cache instead of the data: no second forward
-pass, features never all held in memory when ``cache_dir`` is given.
+:class:`MetricSuite` is every metric one layer's maps allow, given the dataset's annotations. It
+is fed batch by batch (``update(maps, batch)``) and used by every command that measures filters
+(``icnn evaluate``, ``icnn compare``, ``icnn explain`` for its three views, the reports):
+
+- pass 1, streamed: location instability (top-100 per filter and landmark) and its references,
+  the collapse figures (``metrics.collapse``), the exact top-0.5% threshold of every filter over
+  the images that can show parts, the per-class activation sums behind each filter's category
+  (``icnn.categories``), the part-location density of Fig. 6, the top images of every filter;
+  the maps and part masks are cached (float16 maps, bit-packed masks; in memory or under
+  ``cache_dir``);
+- pass 2, over the cache (the thresholds need the whole dataset first): part interpretability
+  and Network Dissection from one pass over the filters' regions.
+
+:func:`evaluate` runs a network over a dataset once (from the cached stem outputs when the
+dataset is a ``icnn.cache.CachedDataset``) and feeds one suite with the evaluated layer's masked
+maps; it returns :class:`EvalResult` (JSON-ready metrics, per-filter lists, report arrays).
 """
 
 from __future__ import annotations
@@ -21,40 +29,44 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .metrics.instability import LocationInstability
+from .categories import assign_categories
+from .metrics.collapse import FilterCollapse
+from .metrics.instability import LocationInstability, landmark_distances
 from .metrics.quantile import TopQuantile
 from .metrics.receptive_field import layer_geometry, unit_centers
+from .training.config import Config
 
 
 @dataclass
-class EvalConfig:
-    """What ``evaluate`` computes and how."""
-
-    layer: str = "new"  # interpretable layer to evaluate ("new": the paper's top conv-layer)
-    batch_size: int = 32
-    num_workers: int = 0
-    device: str = "cpu"
-    top_k: int = 100  # images per (filter, landmark) for location instability (paper: 100)
-    quantile: float = 0.005  # p(x > T_f) for part regions (paper / Network Dissection)
-    iou_threshold: float = 0.2  # part association (paper: 0.2)
-    dissection_threshold: float = 0.04  # Network-Dissection detector threshold
-    rf_mode: str = "upsample"  # part regions: "upsample" (Network Dissection) or "rf" (round RF per unit)
+class EvalConfig(Config):
+    layer: str = "new"  # interpretable layer evaluated (new: the paper's top conv-layer; top: the backbone's)
+    batch_size: int = 32  # images per evaluation batch
+    num_workers: int = 0  # DataLoader worker processes
+    device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
+    top_k: int = 100  # images per filter and landmark for location instability (paper: 100)
+    quantile: float = 0.005  # p(x > T_f) of the part regions (paper, Network Dissection)
+    iou_threshold: float = 0.2  # IoU above which a region counts as the part (paper: 0.2)
+    dissection_threshold: float = 0.04  # Network-Dissection detector threshold (Bau et al.: 0.04)
+    rf_mode: str = "upsample"  # part regions: upsample (bilinear, Network Dissection) or rf (a round RF per active unit)
     reference_draws: int = 20  # Monte-Carlo draws of the random-unit reference
-    seed: int = 0
+    seed: int = 0  # seed of the random-unit reference
     panels: int = 6  # filters shown with Fig. 4 panels and Fig. 5 top images in the report
-    top_images: int = 6  # top-activating images per shown filter
+    top_images: int = 6  # top-activating images kept per filter
     density_grid: int = 32  # resolution of the Fig. 6 part-location density (object-box frame)
-    cache_dir: str | None = None  # cache the maps on disk here (default: in memory)
-    progress: bool = True
+    cache_dir: str | None = None  # keep caches (stem outputs, evaluated maps) on disk here (default: in memory)
+    progress: bool = True  # progress bars (off when stderr is not a terminal)
+
+    CHOICES = {"rf_mode": ("upsample", "rf")}
+    POSITIVE = ("batch_size", "top_k", "reference_draws", "density_grid", "quantile", "iou_threshold")
 
 
 @dataclass
 class EvalResult:
-    """Everything ``evaluate`` measured: JSON-ready ``metrics`` and arrays for the report."""
+    """Everything a suite measured: JSON-ready ``metrics`` and arrays for the report."""
 
     metrics: dict
     per_filter: dict = field(default_factory=dict)  # name -> list per filter
-    artifacts: dict = field(default_factory=dict)  # figures' raw data (numpy arrays)
+    artifacts: dict = field(default_factory=dict)  # figures' raw data (numpy arrays, top images)
 
 
 class _MapCache:
@@ -62,21 +74,16 @@ class _MapCache:
 
     def __init__(self, n: int, map_shape: tuple, mask_shape: tuple | None, cache_dir: str | None):
         self._tmp = None
+        path = None
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             self._tmp = tempfile.TemporaryDirectory(dir=cache_dir, prefix="icnn-eval-")
             path = Path(self._tmp.name)
-            self.maps = np.lib.format.open_memmap(path / "maps.npy", "w+", np.float16, (n, *map_shape))
-        else:
-            self.maps = np.empty((n, *map_shape), np.float16)
+        alloc = (lambda name, dt, shape: np.lib.format.open_memmap(path / name, "w+", dt, shape)) if path else \
+            (lambda name, dt, shape: np.empty(shape, dt))  # fmt: skip
+        self.maps = alloc("maps.npy", np.float16, (n, *map_shape))
         self.mask_shape = mask_shape
-        self.masks = None
-        if mask_shape is not None:
-            packed = (int(np.prod(mask_shape)) + 7) // 8
-            if cache_dir is not None:
-                self.masks = np.lib.format.open_memmap(path / "masks.npy", "w+", np.uint8, (n, packed))
-            else:
-                self.masks = np.empty((n, packed), np.uint8)
+        self.masks = alloc("masks.npy", np.uint8, (n, (int(np.prod(mask_shape)) + 7) // 8)) if mask_shape else None
         self.labels = np.empty((n,), np.int64)
         self.n = 0
 
@@ -84,8 +91,7 @@ class _MapCache:
         b = maps.shape[0]
         self.maps[self.n : self.n + b] = maps.detach().cpu().to(torch.float16).numpy()
         if self.masks is not None:
-            flat = masks.detach().cpu().reshape(b, -1).numpy()
-            self.masks[self.n : self.n + b] = np.packbits(flat, axis=1)
+            self.masks[self.n : self.n + b] = np.packbits(masks.detach().cpu().reshape(b, -1).numpy(), axis=1)
         self.labels[self.n : self.n + b] = labels.cpu().numpy()
         self.n += b
 
@@ -95,8 +101,7 @@ class _MapCache:
             maps = torch.from_numpy(np.asarray(self.maps[start:stop], dtype=np.float32))
             masks = None
             if self.masks is not None:
-                count = int(np.prod(self.mask_shape))
-                bits = np.unpackbits(np.asarray(self.masks[start:stop]), axis=1, count=count)
+                bits = np.unpackbits(np.asarray(self.masks[start:stop]), axis=1, count=int(np.prod(self.mask_shape)))
                 masks = torch.from_numpy(bits.astype(bool)).reshape(stop - start, *self.mask_shape)
             yield maps, masks, torch.from_numpy(self.labels[start:stop])
 
@@ -106,20 +111,9 @@ class _MapCache:
             self._tmp.cleanup()
 
 
-def _progress(iterable, enabled: bool, total: int | None, desc: str):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False)
-
-
 def _box_density(unit_xy: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, grid: int) -> torch.Tensor:
-    """Histogram ``(grid, grid)`` of inferred part positions in the object-box frame.
-
-    ``unit_xy (B, C, 2)``, ``boxes (B, 4)`` (NaN for images without an object), ``scores (B, C)``:
-    active maps (score > 0) of images with a box add one count at their box-relative position.
-    """
+    """Histogram ``(grid, grid)`` of inferred part positions in the object-box frame: active maps
+    (score > 0) of images with a box add one count at their box-relative position."""
     ok = torch.isfinite(boxes).all(-1)[:, None] & (scores > 0)  # (B, C)
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-6)  # (B, 2)
     rel = (unit_xy - boxes[:, None, :2]) / wh[:, None, :]  # (B, C, 2) in [0, 1] inside the box
@@ -129,146 +123,191 @@ def _box_density(unit_xy: torch.Tensor, boxes: torch.Tensor, scores: torch.Tenso
     return torch.bincount(flat, minlength=grid * grid).reshape(grid, grid).double()
 
 
+class MetricSuite:
+    """Every metric one layer's maps allow on a dataset (see the module doc).
+
+    Args:
+        dataset: the dataset evaluated (its ``classes``, ``landmark_names``, ``part_names``,
+            ``image_size`` and length).
+        geometry: the layer's receptive-field geometry (``metrics.receptive_field``).
+        cfg: :class:`EvalConfig`.
+        interpretable: whether the filters have categories of their own (instability at each
+            filter's category rather than the min over classes).
+        single: a single-category task (every filter's category is the target class 1).
+    """
+
+    def __init__(self, dataset, geometry, cfg: EvalConfig, *, interpretable: bool, single: bool):
+        self.cfg, self.geometry = cfg, geometry
+        self.n, self.nc = len(dataset), len(dataset.classes)
+        self.image_hw = tuple(dataset.image_size)
+        self.landmark_names = list(getattr(dataset, "landmark_names", []))
+        self.part_names = list(getattr(dataset, "part_names", []))
+        self.interpretable, self.single = interpretable, single
+        self.c = None
+
+    def _start(self, c: int, h: int, w: int) -> None:
+        cfg, nc = self.cfg, self.nc
+        self.c, self.centers = c, unit_centers(self.geometry, h, w)  # (h, w, 2) (x, y)
+        self.inst = LocationInstability(c, self.landmark_names, nc, top_k=cfg.top_k) if self.landmark_names else None
+        self.collapse = FilterCollapse(c, nc, self.landmark_names)
+        self.quant = TopQuantile(c, self.n * h * w, q=cfg.quantile)
+        mask_shape = (len(self.part_names), *self.image_hw) if self.part_names else None
+        self.cache = _MapCache(self.n, (c, h, w), mask_shape, cfg.cache_dir)
+        self.class_sum = torch.zeros(nc, c, dtype=torch.float64)
+        self.class_count = torch.zeros(nc, dtype=torch.float64)
+        self.annotated = torch.zeros(nc, dtype=torch.bool)  # classes with any landmark or part
+        self.density = torch.zeros(cfg.density_grid, cfg.density_grid, dtype=torch.float64)
+        self.top_score = torch.empty(c, 0, dtype=torch.float64)
+        self.top_index = torch.empty(c, 0, dtype=torch.long)
+        self.top_maps = torch.empty(c, 0, 2, h, w)  # (C, kept, [masked, before the mask], h, w): the report's panels
+
+    @torch.no_grad()
+    def update(self, maps: torch.Tensor, batch: dict, relu: torch.Tensor | None = None) -> None:
+        """``maps (B, C, h, w)`` of the layer for ``batch`` (labels, landmarks, box, part masks,
+        index); ``relu``: the same maps before the mask (kept for the top images' panels)."""
+        maps = maps.detach().float().cpu()
+        b, c, h, w = maps.shape
+        if self.c is None:
+            self._start(c, h, w)
+        labels = batch["label"].long().cpu()
+        scores, flat_idx = maps.reshape(b, c, -1).max(-1)  # (B, C): x_mu_hat and its unit
+        scores = scores.double()
+        unit_xy = self.centers.reshape(-1, 2)[flat_idx]  # (B, C, 2)
+        landmarks = batch["landmarks"].float().cpu() if self.landmark_names else None
+        if self.inst is not None:
+            self.inst.update(scores, unit_xy, landmarks, labels, self.image_hw)
+        dist = landmark_distances(unit_xy, landmarks, self.image_hw) if landmarks is not None else None
+        self.collapse.update(scores, flat_idx, labels, dist)
+        masks = batch.get("part_masks")
+        # thresholds over the images that can show parts (paper §5.2.1: the category's images;
+        # single-category negatives would otherwise set the ordinary net's thresholds)
+        has_parts = masks.flatten(1).any(1) if masks is not None else torch.ones(b, dtype=torch.bool)
+        if has_parts.any():
+            self.quant.update(maps[has_parts])
+        self.cache.append(maps, masks, labels)
+        onehot = torch.nn.functional.one_hot(labels, self.nc).double()
+        shown = has_parts if masks is not None else torch.zeros(b, dtype=torch.bool)
+        if landmarks is not None:
+            shown = shown | torch.isfinite(landmarks).all(-1).any(-1)
+        self.annotated |= (onehot.t() @ shown.double()) > 0
+        self.class_sum += onehot.t() @ maps.double().sum((-2, -1))
+        self.class_count += onehot.sum(0)
+        self.density += _box_density(unit_xy.double(), batch["box"].double().cpu(), scores, self.cfg.density_grid)
+        cand_s = torch.cat((self.top_score, scores.t()), 1)  # running top images per filter (stable: earlier first)
+        cand_i = torch.cat((self.top_index, batch["index"].long().cpu()[None].expand(c, b)), 1)
+        pair = torch.stack((maps, maps if relu is None else relu.detach().float().cpu()), 2).transpose(0, 1)  # (C, B, 2, h, w)
+        cand_m = torch.cat((self.top_maps, pair), 1)
+        order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, : self.cfg.top_images]
+        self.top_score, self.top_index = cand_s.gather(1, order), cand_i.gather(1, order)
+        self.top_maps = cand_m[torch.arange(c)[:, None], order]
+
+    def categories(self) -> torch.Tensor:
+        """Each filter's category (``icnn.categories``): the target class in single-category
+        tasks, else the annotated class activating it most."""
+        if self.single:
+            return torch.ones(self.c, dtype=torch.long)
+        return assign_categories(self.class_sum, self.class_count, self.annotated)
+
+    def compute(self, categories: torch.Tensor | None = None) -> EvalResult:
+        if self.c is None:
+            raise ValueError("evaluate: the dataset is empty")
+        cfg = self.cfg
+        categories = self.categories() if categories is None else torch.as_tensor(categories).long()
+        thresholds = self.quant.compute()
+        h, w = self.centers.shape[:2]
+        m: dict = {"num_images": self.n, "num_filters": self.c, "layer": cfg.layer, "map_size": [h, w]}
+        per_filter: dict = {"category": categories.tolist(), "threshold": thresholds.tolist()}
+        if self.inst is not None:
+            res = self.inst.compute(categories=categories if self.interpretable else None)
+            refs = self.inst.references(self.centers, draws=cfg.reference_draws, seed=cfg.seed)
+            m["location_instability"] = res.score
+            m["instability_references"] = refs.summary()
+            m["silent_fraction"] = float(res.silent_fraction.mean())
+            m["location_instability_firing"] = res.score_firing
+            m["silent_in_top"] = res.silent_in_top
+            m["landmark_names"] = list(self.landmark_names)
+            m["instability_per_landmark"] = dict(zip(self.landmark_names, torch.nanmean(res.per_filter_landmark, 0).tolist()))
+            m["instability_references_per_landmark"] = {k: dict(zip(self.landmark_names, v)) for k, v in refs.per_landmark().items()}
+            per_filter["location_instability"] = res.per_filter.tolist()
+        m["collapse"] = self.collapse.compute(categories).summary()
+        art: dict = {"density": self.density.numpy(), "top_images": self.top_index.tolist(), "top_scores": self.top_score.tolist(),
+                     "top_maps": self.top_maps}  # fmt: skip
+        if self.part_names:
+            pres, dres = _region_pass(self.cache.batches(cfg.batch_size), thresholds, self.part_names, self.nc, mode=cfg.rf_mode,
+                                     centers=self.geometry, iou_threshold=cfg.iou_threshold,
+                                     dissection_threshold=cfg.dissection_threshold, categories=categories,
+                                     progress=cfg.progress)  # fmt: skip
+            m["part_interpretability"] = pres.score
+            m["part_names"] = list(self.part_names)
+            m["part_interpretability_per_part"] = dict(zip(self.part_names, torch.nanmean(pres.per_filter_part, 0).tolist()))
+            m["dissection"] = dres.summary()
+            per_filter["part_interpretability"] = pres.per_filter.tolist()
+            per_filter["best_part"] = pres.best_part.tolist()
+            art["part_counts"] = np.bincount(pres.best_part[pres.best_part >= 0].numpy(), minlength=len(self.part_names))
+            art["per_filter_part"] = pres.per_filter_part.numpy()
+        self.cache.close()
+        m["config"] = asdict(cfg)
+        return EvalResult(metrics=m, per_filter=per_filter, artifacts=art)
+
+
+def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_threshold, dissection_threshold, categories, progress):
+    """Part interpretability and Network Dissection over the cached maps."""
+    from .metrics.dissection import NetworkDissection
+    from .metrics.part_iou import PartInterpretability
+
+    piou = PartInterpretability(thresholds, part_names, nc, mode=mode, centers=centers, iou_threshold=iou_threshold)
+    dis = NetworkDissection(thresholds, part_names, mode=mode, centers=centers, iou_threshold=dissection_threshold)
+    for maps, masks, labels in _progress(batches, progress, None, "part regions"):
+        piou.update(maps, masks, labels)
+        dis.update(maps, masks)
+    return piou.compute(categories=categories), dis.compute()
+
+
+def _progress(iterable, enabled: bool, total: int | None, desc: str):
+    from .training.loop import progress
+
+    return progress(iterable, enabled=enabled, total=total, desc=desc)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: torch.Tensor | None = None) -> EvalResult:
     """Stream ``dataset`` once through ``model`` and compute every metric its annotations allow.
 
     Args:
         model: an :class:`icnn.models.InterpretableNet` (ordinary or interpretable).
-        dataset: a dataset of DESIGN.md samples (image, label, box, landmarks[, part_masks]).
+        dataset: a dataset of DESIGN.md samples, or a ``CachedDataset`` (the stem's outputs).
         config: :class:`EvalConfig`.
-        categories: optional ``(C,)`` target category of each filter (interpretable nets:
-            the filter loss's assignment). Default: assigned from this dataset's activations.
+        categories: optional ``(C,)`` category of each filter (multi-category interpretable nets:
+            the filter loss's assignment). Default: the suite's rule.
     """
-    cfg = config or EvalConfig()
-    device = torch.device(cfg.device)
+    from .metrics.accuracy import AccuracyMeter
+    from .training.loop import resolve_device
+
+    cfg = (config or EvalConfig()).validate()
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    if cfg.layer not in model.layers:
+        raise ValueError(f"evaluate: no layer {cfg.layer!r} (the network has {', '.join(model.layers)})")
+    device = resolve_device(cfg.device)
     was_training = model.training
     model.eval().to(device)
+    suite = MetricSuite(dataset, layer_geometry(model, cfg.layer), cfg, interpretable=bool(getattr(model, "interpretable", False)),
+                        single=model.num_classes == 1)  # fmt: skip
+    accuracy = AccuracyMeter(len(dataset.classes) if model.num_classes > 1 else 1)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     try:
-        return _evaluate(model, dataset, cfg, device, categories)
+        for batch in _progress(loader, cfg.progress, len(loader), f"evaluate ({len(dataset)} images)"):
+            if "stem" in batch:
+                feats = model.features_from_stem(batch["stem"].to(device))
+            else:
+                feats = model.forward_features(batch["image"].to(device))
+            accuracy.update(model.forward_head(feats.out).float().cpu(), batch["label"].long())
+            suite.update(feats.masked[cfg.layer], batch, feats.relu[cfg.layer])
     finally:
         model.train(was_training)
-
-
-def _evaluate(model, dataset, cfg: EvalConfig, device, categories) -> EvalResult:
-    from .metrics import accuracy as acc_mod
-    from .metrics import dissection as dis_mod
-    from .metrics import part_iou as iou_mod
-
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("evaluate: the dataset is empty")
-    num_classes = len(dataset.classes)
-    image_h, image_w = dataset.image_size
-    map_h, map_w = model.map_size((image_h, image_w))[cfg.layer]
-    geom = layer_geometry(model, cfg.layer)
-    centers = unit_centers(geom, map_h, map_w)  # (h, w, 2) (x, y)
-    has_masks = bool(getattr(dataset, "part_names", []))
-    has_landmarks = bool(getattr(dataset, "landmark_names", []))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-
-    num_filters = None
-    inst = quant = cache = None
-    accuracy = acc_mod.AccuracyMeter(num_classes if model.num_classes > 1 else 1)
-    class_sum = torch.zeros(num_classes, 0, dtype=torch.float64)
-    class_count = torch.zeros(num_classes, dtype=torch.float64)
-    annotated_class = torch.zeros(num_classes, dtype=torch.bool)  # classes with any landmark
-    density = torch.zeros(cfg.density_grid, cfg.density_grid, dtype=torch.float64)
-    top_score = top_index = None  # per filter: its top images (score, dataset index), Fig. 4-5
-    for batch in _progress(loader, cfg.progress, len(loader), "evaluate"):
-        images = batch["image"].to(device)
-        labels = batch["label"].long()
-        feats = model.forward_features(images)
-        logits = model.forward_head(feats.out).float().cpu()
-        maps = feats.masked[cfg.layer].float().cpu()  # (B, C, h, w)
-        b, c = maps.shape[:2]
-        if num_filters is None:
-            num_filters = c
-            if has_landmarks:
-                inst = LocationInstability(c, dataset.landmark_names, num_classes, top_k=cfg.top_k)
-            quant = TopQuantile(c, n * map_h * map_w, q=cfg.quantile)
-            mask_shape = (len(dataset.part_names), image_h, image_w) if has_masks else None
-            cache = _MapCache(n, (c, map_h, map_w), mask_shape, cfg.cache_dir)
-            class_sum = torch.zeros(num_classes, c, dtype=torch.float64)
-            top_score = torch.empty(c, 0, dtype=torch.float64)
-            top_index = torch.empty(c, 0, dtype=torch.long)
-        accuracy.update(logits, labels)
-        scores = maps.reshape(b, c, -1).amax(-1).double()  # (B, C)
-        flat_idx = maps.reshape(b, c, -1).argmax(-1)
-        unit_xy = centers.reshape(-1, 2)[flat_idx]  # (B, C, 2)
-        if inst is not None:
-            inst.update(scores, unit_xy, batch["landmarks"].float(), labels, (image_h, image_w))
-        # Thresholds over the images that can show parts (paper §5.2.1: the target category's
-        # images; single-category negatives would otherwise set the ordinary net's thresholds).
-        has_parts = batch["part_masks"].flatten(1).any(1) if has_masks else torch.ones(b, dtype=torch.bool)
-        if has_parts.any():
-            quant.update(maps[has_parts])
-        cache.append(maps, batch.get("part_masks"), labels)
-        onehot = torch.nn.functional.one_hot(labels, num_classes).double()
-        annotated_class |= (onehot.t() @ torch.isfinite(batch["landmarks"]).all(-1).any(-1).double()) > 0
-        class_sum += onehot.t() @ maps.double().sum((-2, -1))
-        class_count += onehot.sum(0)
-        density += _box_density(unit_xy.double(), batch["box"].double(), scores, cfg.density_grid)
-        # running top images per filter (earlier image first on ties: stable sort)
-        cand_s = torch.cat((top_score, scores.t()), 1)
-        cand_i = torch.cat((top_index, batch["index"].long()[None].expand(c, b)), 1)
-        order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, : cfg.top_images]
-        top_score, top_index = cand_s.gather(1, order), cand_i.gather(1, order)
-
-    # Each filter's category: given (interpretable nets), or the annotated class activating it
-    # most (paper §5.2.1); single-category: the target class.
-    if categories is None:
-        if model.num_classes == 1:
-            categories = torch.ones(num_filters, dtype=torch.long)
-        else:
-            means = class_sum / class_count.clamp_min(1)[:, None]  # (K, C)
-            annotated = annotated_class & (class_count > 0)
-            means = torch.where(annotated[:, None], means, torch.full_like(means, -math.inf))
-            categories = means.argmax(0)
-    thresholds = quant.compute()
-
-    metrics: dict = {"num_images": n, "num_filters": num_filters, "layer": cfg.layer, "map_size": [map_h, map_w]}
-    per_filter: dict = {"category": categories.tolist(), "threshold": thresholds.tolist()}
-    metrics.update(accuracy.compute().summary())
-    if inst is not None:
-        res = inst.compute(categories=categories if getattr(model, "interpretable", False) else None)
-        refs = inst.references(centers, draws=cfg.reference_draws, seed=cfg.seed)
-        metrics["location_instability"] = res.score
-        metrics["instability_references"] = refs.summary()
-        metrics["silent_fraction"] = float(res.silent_fraction.mean())
-        metrics["location_instability_firing"] = res.score_firing
-        metrics["silent_in_top"] = res.silent_in_top
-        metrics["landmark_names"] = list(dataset.landmark_names)
-        metrics["instability_per_landmark"] = dict(
-            zip(dataset.landmark_names, torch.nanmean(res.per_filter_landmark, 0).tolist())
-        )
-        per_filter["location_instability"] = res.per_filter.tolist()
-
-    artifacts: dict = {"density": density.numpy(), "top_images": top_index.tolist(), "top_scores": top_score.tolist()}
-    if has_masks:
-        piou = iou_mod.PartInterpretability(
-            thresholds, dataset.part_names, num_classes, mode=cfg.rf_mode, centers=geom, iou_threshold=cfg.iou_threshold
-        )
-        dis = dis_mod.NetworkDissection(
-            thresholds, dataset.part_names, mode=cfg.rf_mode, centers=geom, iou_threshold=cfg.dissection_threshold
-        )
-        for maps, masks, labels in _progress(cache.batches(cfg.batch_size), cfg.progress, None, "part IoU"):
-            piou.update(maps, masks, labels)
-            dis.update(maps, masks)
-        pres = piou.compute(categories=categories)
-        dres = dis.compute()
-        metrics["part_interpretability"] = pres.score
-        metrics["part_names"] = list(dataset.part_names)
-        metrics["part_interpretability_per_part"] = dict(zip(dataset.part_names, torch.nanmean(pres.per_filter_part, 0).tolist()))
-        metrics["dissection"] = dres.summary()
-        per_filter["part_interpretability"] = pres.per_filter.tolist()
-        per_filter["best_part"] = pres.best_part.tolist()
-        best_part = pres.best_part[pres.best_part >= 0]
-        artifacts["part_counts"] = np.bincount(best_part.numpy(), minlength=len(dataset.part_names))
-        artifacts["per_filter_part"] = pres.per_filter_part.numpy()
-    cache.close()
-    metrics["config"] = asdict(cfg)
-    return EvalResult(metrics=metrics, per_filter=per_filter, artifacts=artifacts)
+    result = suite.compute(categories)
+    result.metrics.update(accuracy.compute().summary())
+    return result
 
 
 def json_safe(obj):

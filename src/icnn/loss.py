@@ -30,12 +30,13 @@ rescales the gradient, which ``lambda`` absorbs.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .categories import assign_categories
 from .mask import MU_MODES, locate_parts
 from .templates import DISTANCES, default_alpha, default_tau, part_templates, template_priors, template_shape
 
@@ -45,6 +46,9 @@ WEIGHT_NORMS = ("batch_mean", "none")
 Z_ESTIMATES = ("running", "epoch", "batch")
 P_X = ("footnote", "exact")
 MAP_NORMS = ("none", "batch")
+WEIGHT_SIGNS = ("paper", "target", "negatives")
+WEIGHT_MAGS = ("paper", "likelihood", "uniform")
+Z_SCOPES = ("all", "category")
 
 # log of the largest weight we let through in float32 (exp(80) ~ 5.5e34 < 3.4e38).
 _LOG_WEIGHT_CAP = 80.0
@@ -187,6 +191,9 @@ class FilterLossConfig:
     mu: str = "argmax"  # part location for T^: "argmax" (paper) or "centroid"
     map_norm: str = "none"  # "none": the paper's tr(x.T); "batch": maps divided by the batch mean of max_ij x (scale-free)
     sharpness: float = 1.0  # with map_norm="batch": templates are sharpness * shape (replaces tau)
+    weight_sign: str = "paper"  # "paper": Eq. 4's sign, sign(log p(x|T^) - log p(x)); "target": always towards T^
+    weight_mag: str = "paper"  # |w|: "paper" p(T^) q(x|T^) |log q(x|T^) - log q(x)|; "likelihood" p(T^) q(x|T^); "uniform" 1
+    z_scope: str = "all"  # Z_T over "all" maps (paper) or "category": T_mu over the filter's category, T- over the rest
 
     def __post_init__(self):
         for name, allowed in (
@@ -198,6 +205,9 @@ class FilterLossConfig:
             ("distance", DISTANCES),
             ("mu", MU_MODES),
             ("map_norm", MAP_NORMS),
+            ("weight_sign", WEIGHT_SIGNS),
+            ("z_scope", Z_SCOPES),
+            ("weight_mag", WEIGHT_MAGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -339,14 +349,10 @@ class FilterLoss(nn.Module):
 
     def targets(self) -> torch.Tensor:
         """Each filter's target category ``(C,)``: fixed, or argmax of running class means."""
-        means = self.class_sum / self.class_count.clamp_min(1.0)[:, None]  # (K, C)
-        means = torch.where(self.class_count[:, None] > 0, means, torch.full_like(means, -math.inf))
+        allowed = torch.ones(self.num_classes, dtype=torch.bool, device=self.class_count.device)
         if self.negative_class is not None:
-            means[self.negative_class] = -math.inf
-        online = means.argmax(dim=0)
-        if self.negative_class is not None and self.num_classes == 2:
-            online = torch.full_like(online, 1 - self.negative_class)
-        return torch.where(self.fixed_targets >= 0, self.fixed_targets, online)
+            allowed[self.negative_class] = False
+        return assign_categories(self.class_sum, self.class_count, allowed, self.fixed_targets)
 
     def lambdas(self) -> torch.Tensor:
         """Per-filter weight ``lambda_f`` ``(C,)`` of the current epoch."""
@@ -371,10 +377,22 @@ class FilterLoss(nn.Module):
         b = x.shape[0]
         cfg = self.config
         # Z_T: log mean_x exp(tr(x.T)) over the (global) batch, folded into the running estimate.
-        lse = _all_reduce_logsumexp(torch.logsumexp(scores.double(), dim=0))  # (C, T)
         n = torch.tensor(float(b), dtype=torch.float64, device=x.device)
         _all_reduce_sum(n)
-        batch_log_mean = lse - n.log()
+        if cfg.z_scope == "category":
+            # T_mu over the maps of the filter's category, T- over the others: (B, C, T) selection
+            is_target = (labels[:, None] == self.targets()[None, :])[..., None]  # (B, C, 1)
+            col_pos = torch.ones(scores.shape[-1], dtype=torch.bool, device=x.device)
+            col_pos[-1] = False
+            sel = torch.where(col_pos, is_target, ~is_target)  # (B, C, T)
+            masked = torch.where(sel, scores.double(), torch.full_like(scores, -math.inf, dtype=torch.float64))
+            lse = _all_reduce_logsumexp(torch.logsumexp(masked, dim=0))  # (C, T)
+            cnt = sel.double().sum(0)
+            _all_reduce_sum(cnt)
+            batch_log_mean = torch.where(cnt > 0, lse - cnt.clamp_min(1).log(), self.log_z.double())
+        else:
+            lse = _all_reduce_logsumexp(torch.logsumexp(scores.double(), dim=0))  # (C, T)
+            batch_log_mean = lse - n.log()
         if self.z_count.item() == 0 or cfg.z_estimate == "batch":
             new = batch_log_mean
         elif cfg.z_estimate == "running":
@@ -404,6 +422,8 @@ class FilterLoss(nn.Module):
                 f"filter loss expects maps (B, {self.num_filters}, {self.map_size[0]}, {self.map_size[1]}), got {tuple(x.shape)}"
             )
         labels = labels.reshape(-1).long()
+        if not bool(torch.isfinite(x).all()):  # never fold a bad batch into the running state
+            return (x.float().sum() * float("nan")).reshape(())
         cfg = self.config
         xf = x.float()
         if cfg.map_norm == "batch":
@@ -505,7 +525,15 @@ class FilterLoss(nn.Module):
             ratio = log_q_hat - log_q_x
             # w = -p(T^) q(x|T^) (log q(x|T^) - log q(x)), magnitude in log space.
             log_mag = log_prior_hat + log_q_hat + ratio.abs().clamp_min(1e-30).log()
+            if cfg.weight_mag == "likelihood":
+                log_mag = log_prior_hat + log_q_hat
+            elif cfg.weight_mag == "uniform":
+                log_mag = torch.zeros_like(log_q_hat)
             sign = -torch.sign(ratio)
+            if cfg.weight_sign == "target":
+                sign = -torch.ones_like(ratio)
+            elif cfg.weight_sign == "negatives":  # T- always pulls (activations down), T_mu as Eq. 4
+                sign = torch.where(is_target, sign, -torch.ones_like(ratio))
             if cfg.weight_norm == "batch_mean":
                 # divide by mean_b |w| per filter (over the global batch under DDP)
                 lse = _all_reduce_logsumexp(torch.logsumexp(log_mag.double(), dim=0))

@@ -7,8 +7,9 @@ import pytest
 
 from icnn.cli import main
 
-TINY = ["--epochs", "1", "--train-samples", "16", "--test-samples", "16", "--batch-size", "8", "--image-size", "32",
-        "--no-progress", "--eval-batch-size", "8", "--pretrain-epochs", "1", "--pretrain-samples", "16"]
+# the default recipe (ImageNet EfficientNet-Lite0, stem frozen and cached), tiny
+TINY = ["--epochs", "1", "--dataset-option", "num_samples=16", "--test-samples", "16", "--batch-size", "8", "--image-size", "64",
+        "--no-progress"]
 
 
 def _finite_numbers(obj, path="$"):
@@ -37,9 +38,10 @@ def test_compare_writes_metrics_and_report(compare_run):
             assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
         assert set(m["instability_references"]) >= {"random_unit", "best_fixed_unit"}
         assert 0.0 <= m["accuracy"] <= 1.0
-    assert metrics["config"]["arch"] == "small_cnn" and metrics["config"]["epochs"] == 1
-    assert metrics["icnn_version"] and metrics["pretrain_epochs"] == 1
-    assert (compare_run / "pretrain" / "checkpoint" / "model.safetensors").is_file()
+    assert metrics["config"]["arch"] == "efficientnet_lite0" and metrics["config"]["epochs"] == 1
+    assert metrics["config"]["freeze_stem"] and metrics["icnn_version"]
+    for name in ("ordinary", "interpretable"):
+        assert set(metrics[name]["collapse"]) >= {"peak_correlation", "mode_share", "higher_on_category"}
     assert set(metrics["ratios"]) >= {"location_instability", "accuracy"}
     # strict JSON: NaN never written, every number finite
     assert "NaN" not in (compare_run / "metrics.json").read_text()
@@ -59,7 +61,7 @@ def test_compare_again_resumes_without_retraining(compare_run, capsys):
 def test_evaluate_a_compare_run(compare_run, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(compare_run / "interpretable"), "--dataset-option", "num_samples=16",
-                 "--out", str(out), "--eval-batch-size", "8"]) == 0
+                 "--out", str(out), "--batch-size", "8", "--no-progress"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(m["interpretable"]["location_instability"])
     assert 0.0 <= m["interpretable"]["silent_in_top"] <= 1.0
@@ -84,50 +86,8 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["compare", "--out", str(tmp_path / "z"), "--dataset", "cub200", "--root", str(tmp_path / "nope")]) == 2
     assert "--root" in capsys.readouterr().err
-    assert main(["compare", "--out", str(tmp_path / "w"), "--pretrain-epochs", "-1", *TINY[:-4]]) == 2
-    assert "--pretrain-epochs" in capsys.readouterr().err
-
-
-def test_both_twins_start_from_the_pretrained_backbone(tmp_path):
-    import torch
-
-    from icnn.cli.compare import BACKBONE_PREFIXES, _train_twin
-    from icnn.cli.compare import build_config as compare_config
-    from icnn.cli import build_parser
-
-    args = build_parser().parse_args(["compare", "--out", str(tmp_path), *TINY])
-    cfg = compare_config(args)
-    cfg = cfg.__class__(**{**cfg.to_dict(), "epochs": 1, "lr": 1e-12, "weight_decay": 0.0, "momentum": 0.0})
-    torch.manual_seed(123)
-    from icnn.models import build_model
-
-    donor = build_model("small_cnn", num_classes=7, interpretable=False, image_size=32)
-    backbone = {k: v for k, v in donor.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
-    models = {name: _train_twin(cfg, name, tmp_path, backbone)[0] for name in ("ordinary", "interpretable")}
-    for name, model in models.items():
-        sd = model.state_dict()
-        for k in ("stem.block1.conv.weight", "layers.top.body.block4.conv.weight"):
-            torch.testing.assert_close(sd[k], backbone[k], rtol=0, atol=1e-9)
-    # the new layer and head start identical in both twins (lr ~ 0: they barely move)
-    a, b = models["ordinary"].state_dict(), models["interpretable"].state_dict()
-    torch.testing.assert_close(a["layers.new.body.conv.weight"], b["layers.new.body.conv.weight"], rtol=0, atol=1e-9)
-
-
-def test_pretraining_trains_the_whole_backbone_whatever_the_twins_multipliers(tmp_path):
-    """--stem-lr-mult / --backbone-lr-mult are fine-tuning settings of the twins: the shared
-    pretraining must not keep a random stem fixed (it once did, with --stem-lr-mult 0)."""
-    from icnn.cli import build_parser
-    from icnn.cli.compare import build_config as compare_config
-    from icnn.cli.compare import pretrain_backbone
-
-    args = build_parser().parse_args(["compare", "--out", str(tmp_path), *TINY, "--stem-lr-mult", "0",
-                                      "--backbone-lr-mult", "0.1", "--freeze-stem"])
-    cfg = compare_config(args)
-    assert cfg.stem_lr_mult == 0.0 and cfg.backbone_lr_mult == 0.1 and cfg.freeze_stem
-    pretrain_backbone(cfg, tmp_path, epochs=1, samples=16)
-    pre = json.loads((tmp_path / "pretrain" / "config.json").read_text())
-    assert pre["stem_lr_mult"] is None and pre["backbone_lr_mult"] == 1.0 and pre["freeze_stem"] is False
-    assert pre["task"] == "multi" and pre["interpretable"] is False
+    assert main(["compare", "--out", str(tmp_path / "w"), "--test-samples", "0", *TINY[:2]]) == 2
+    assert "--test-samples 0" in capsys.readouterr().err
 
 
 def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from icnn.cli import build_parser, main
 from icnn.cli import train as train_cli
-from icnn.training import engine, load_checkpoint
+from icnn.training import classify, load_checkpoint
 
 from training.fakes import TinyParts, tiny_net
 
@@ -33,7 +33,7 @@ def tiny(monkeypatch):
         return tiny_net(num_classes=num_classes, interpretable=interpretable, image_size=image_size)
 
     monkeypatch.setitem(registry.MODELS, "tiny", builder)
-    monkeypatch.setattr(engine, "build_datasets", lambda cfg: (TinyParts(8), TinyParts(4, seed=1)))
+    monkeypatch.setattr(classify, "build_dataset_for", lambda cfg, split, **kw: TinyParts(8) if split == "train" else TinyParts(4, seed=1))
     return ["--arch", "tiny", "--image-size", "16", "--batch-size", "4", "--device", "cpu", "--no-progress"]
 
 
@@ -49,12 +49,13 @@ def test_every_flag_has_help():
     [
         (["--batch-size", "0"], "--batch-size: must be a positive integer (got 0)"),
         (["--epochs", "-1"], "--epochs: must be a positive integer (got -1)"),
-        (["--lr", "nan"], "--lr: must be a finite non-negative number (got nan)"),
-        (["--root", "/nonexistent/icnn-data"], "--root /nonexistent/icnn-data: no such directory"),
+        (["--lr", "nan"], "--lr: must be a finite number (got nan)"),
+        (["--lr", "fast"], "--lr fast: expected a number"),
+        (["--root", "/nonexistent/icnn-data"], "--root /nonexistent/icnn-data: no such file or directory"),
         (["--weights", "/nonexistent/w.pt"], "--weights /nonexistent/w.pt: no such file"),
-        (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+        (["--device", "tpu"], "--device: must be auto, cpu, cuda or cuda:N (got 'tpu')"),
         (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: checkpoint /nonexistent/run: no such file or directory"),
-        (["--filter-loss", "oops"], "--filter-loss oops: expected KEY=VALUE (e.g. mode=exact)"),
+        (["--filter-loss", "oops"], "--filter-loss oops: expected KEY=VALUE (e.g. mode=posterior)"),
         (["--mask", "beta"], "--mask beta: expected KEY=VALUE (e.g. beta=adaptive)"),
         (["--mask", "beta=oops"], "--mask: beta must be a positive number or 'adaptive', got 'oops'"),
         (["--mask-warmup-epochs", "20"], "--mask-warmup-epochs: must be below epochs (10): the mask must be complete before training ends (got 20.0)"),
@@ -115,7 +116,7 @@ def test_train_then_resume_end_to_end(tiny, capsys, tmp_path):
     assert main(["train", *tiny, "--epochs", "1", "--out", str(out), "--lambda", "0.05"]) == 0
     stdout = capsys.readouterr().out
     assert "trained to epoch 1 (step 2)" in stdout and f"checkpoint: {out / 'checkpoint'}" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "log.csv", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "config.json", "log.csv", "log.jsonl"]
     assert json.loads((out / "config.json").read_text())["filter_loss"] == {"lambda_": 0.05}
 
     # the same out dir without --resume is refused

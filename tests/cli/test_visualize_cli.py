@@ -52,10 +52,12 @@ def test_load_model_reads_arch_and_logits_width(tmp_path):
     cfg = TrainConfig(arch="small_cnn", image_size=32, task="multi", interpretable=False, out=str(tmp_path))
     torch.manual_seed(1)
     net = build_model("small_cnn", num_classes=3, image_size=32, interpretable=False)
-    save_checkpoint(tmp_path, net, {}, cfg.to_dict())
-    model, config = vis.load_model(tmp_path)  # the OUT dir; its checkpoint/ is found
+    save_checkpoint(tmp_path, net, {"num_classes": 3}, cfg.to_dict())
+    from icnn.cli.evaluate import load_run
+
+    model, config, _ = load_run(str(tmp_path))  # the OUT dir; its checkpoint/ is found
     assert model.num_classes == 3 and not model.interpretable and not model.training
-    assert config["task"] == "multi"
+    assert config.task == "multi"
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(model(x), net.eval()(x))
 
@@ -96,7 +98,9 @@ def test_new_report_is_created(run_dir, image_dir, tmp_path):
 
 
 def test_splice_refuses_a_foreign_page():
-    assert vis.splice_section("<html><body>hello</body></html>", Section("Visualisations")) is None
+    from icnn.report.visualize import splice_section
+
+    assert splice_section("<html><body>hello</body></html>", Section("Visualisations")) is None
 
 
 def test_bad_arguments_exit_2_with_one_line(run_dir, image_dir, tmp_path, capsys):

@@ -84,9 +84,9 @@ def test_two_explainer_processes_match_one(tmp_path):
     assert max((w1[k] - init[k]).abs().max().item() for k in init if "conv" in k) > 1e-4
 
     # lambda_l, the running gradient norms behind lambda_f, the filter losses' statistics
-    l1, l2 = s1["loss"], s2["loss"]
+    l1, l2 = s1["objective"], s2["objective"]
     assert l1.keys() == l2.keys()
-    assert (l1["lambda_l"] > 0).all() and (l1["f_norm"] > 0).any() and (l1["rec_norm"] > 0).any()
+    assert (l1["loss.lambda_l"] > 0).all() and (l1["loss.f_norm"] > 0).any() and (l1["loss.rec_norm"] > 0).any()
     for k in l1:
         torch.testing.assert_close(l2[k], l1[k], atol=ATOL, rtol=RTOL, msg=k)
 

@@ -118,9 +118,8 @@ def test_unreadable_checkpoints_raise_one_line_errors(tmp_path):
 
 def test_head_norm_travels_through_the_config_to_a_loaded_model(tmp_path):
     from icnn.training import TrainConfig
-    from icnn.training.checkpoint import load_model
+    from icnn.training import build_model_for, load_model
     from icnn.training.config import ConfigError
-    from icnn.training.engine import build_model_for
 
     cfg = TrainConfig(arch="small_cnn", image_size=32, head_norm=True, out=str(tmp_path))
     net = build_model_for(cfg, num_classes=1)

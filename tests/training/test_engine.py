@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from icnn.loss import FilterLoss
-from icnn.training import NonFiniteLossError, TrainConfig, engine, load_checkpoint, train
+from icnn.mask import PartMask
+from icnn.training import NonFiniteLossError, TrainConfig, checkpoint, classify, load_checkpoint, train
+from icnn.training.classify import ClassifierObjective
 from icnn.training.config import ConfigError
 
 from .fakes import TinyParts, tiny_net
@@ -41,9 +43,9 @@ def _assert_same_checkpoint(a, b):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    for name in sa["filter_losses"]:
-        for k, v in sa["filter_losses"][name].items():
-            assert torch.equal(v, sb["filter_losses"][name][k]), (name, k)
+    assert sa["objective"].keys() == sb["objective"].keys()
+    for k, v in sa["objective"].items():
+        assert torch.equal(v, sb["objective"][k]), k
     assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
 
 
@@ -61,7 +63,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_uninterrupted_run_writes_layout_and_logs(uninterrupted):
     out, result = uninterrupted
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "log.csv", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint", "config.json", "log.csv", "log.jsonl"]
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["config.json", "model.safetensors", "state.pt"]
     rows = _epoch_rows(out)
     epochs = [r for r in rows if r["kind"] == "epoch"]
@@ -81,7 +83,7 @@ def test_uninterrupted_run_writes_layout_and_logs(uninterrupted):
 
 def test_resume_after_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
     out_a, _ = uninterrupted
-    real_save = engine.save_checkpoint
+    real_save = checkpoint.save_checkpoint
     calls = []
 
     def save_then_die(*a, **k):
@@ -91,11 +93,11 @@ def test_resume_after_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
             raise Killed  # killed right after the epoch-1 checkpoint
         return path
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         _run(_cfg(tmp_path))
     assert load_checkpoint(tmp_path)[1]["epoch"] == 1
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     result = _run(_cfg(tmp_path), resume=tmp_path)
     assert [r["epoch"] for r in result.history] == [2, 3]
     _assert_same_checkpoint(out_a, tmp_path)
@@ -104,7 +106,7 @@ def test_resume_after_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
 
 def test_resume_mid_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
     out_a, _ = uninterrupted
-    real_step = engine.train_step
+    real_step = ClassifierObjective.step
     calls = []
 
     def step_then_die(*a, **k):
@@ -113,14 +115,14 @@ def test_resume_mid_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
             raise Killed
         return real_step(*a, **k)
 
-    monkeypatch.setattr(engine, "train_step", step_then_die)
+    monkeypatch.setattr(ClassifierObjective, "step", step_then_die)
     cfg = _cfg(tmp_path, checkpoint_every=4, log_every=1)
     with pytest.raises(Killed):
         _run(cfg)
     assert [r["step"] for r in _epoch_rows(tmp_path) if r["kind"] == "step"][-1] == 9
     state = load_checkpoint(tmp_path)[1]
     assert (state["epoch"], state["batches_done"], state["step"], state["epoch_done"]) == (2, 3, 8, False)
-    monkeypatch.setattr(engine, "train_step", real_step)
+    monkeypatch.setattr(ClassifierObjective, "step", real_step)
     _run(cfg, resume=tmp_path)
     _assert_same_checkpoint(out_a, tmp_path)
     assert [r["step"] for r in _epoch_rows(tmp_path) if r["kind"] == "step"] == list(range(1, 16))
@@ -130,8 +132,7 @@ def test_resume_mid_epoch_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
 
 def test_resume_of_finished_run_does_nothing(uninterrupted, tmp_path):
     out_a, _ = uninterrupted
-    cfg = _cfg(tmp_path / "unused")
-    result = _run(cfg, resume=out_a)
+    result = _run(_cfg(out_a), resume=out_a)
     assert result.history == [] and result.step == 15
 
 
@@ -150,7 +151,7 @@ def test_non_finite_filter_loss_stops_loudly_and_keeps_checkpoint(tmp_path, monk
     weights, state, _ = load_checkpoint(tmp_path)
     assert state["epoch"] == 1 and state["epoch_done"]
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert sorted(p.name for p in (tmp_path).iterdir()) == ["checkpoint", "config.json", "log.csv", "log.jsonl"]
+    assert sorted(p.name for p in (tmp_path).iterdir()) == [".lock", "checkpoint", "config.json", "log.csv", "log.jsonl"]
 
 
 def test_non_finite_task_loss_names_the_task_term(tmp_path):
@@ -168,20 +169,23 @@ def test_ordinary_twin_has_no_filter_losses(tmp_path):
     row = result.history[0]
     assert not any(k.startswith("filter/") for k in row)
     assert row["loss"] == pytest.approx(row["task"])
-    assert load_checkpoint(tmp_path)[1]["filter_losses"] == {}
+    assert not any(k.startswith("filter_losses.") for k in load_checkpoint(tmp_path)[1]["objective"])
 
 
 def test_backbone_lr_multiplier_and_optimizers():
+    from icnn.training.loop import make_optimizer
+
     model = tiny_net()
     cfg = TrainConfig(lr=0.1, backbone_lr_mult=0.1)
-    opt = engine.make_optimizer(model, cfg)
+    opt = make_optimizer(classify.param_groups(model, cfg), cfg)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["backbone"]["lr"] == pytest.approx(0.01) and groups["new"]["lr"] == 0.1
     n_backbone = sum(p.numel() for p in list(model.stem.parameters()) + list(model.layers["top"].parameters()))
     assert sum(p.numel() for p in groups["backbone"]["params"]) == n_backbone
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    assert isinstance(engine.make_optimizer(model, dataclasses.replace(cfg, optimizer="adam")), torch.optim.Adam)
+    adam = dataclasses.replace(cfg, optimizer="adam")
+    assert isinstance(make_optimizer(classify.param_groups(model, adam), adam), torch.optim.Adam)
 
 
 def test_bad_filter_loss_option_is_a_config_error(tmp_path):
@@ -228,28 +232,28 @@ def test_filter_loss_layers_and_maps_options(tmp_path, monkeypatch):
 
 
 def test_mask_strength_schedule_values():
-    assert engine.mask_strength(0.0, 1, 0, 10) == 1.0  # no warm-up: the paper's mask from the start
-    assert engine.mask_strength(2.0, 1, 0, 10) == 0.0
-    assert engine.mask_strength(2.0, 1, 5, 10) == pytest.approx(0.25)
-    assert engine.mask_strength(2.0, 2, 5, 10) == pytest.approx(0.75)
-    assert engine.mask_strength(2.0, 3, 0, 10) == 1.0
-    assert engine.mask_strength(0.5, 1, 9, 10) == 1.0
+    assert classify.mask_strength(0.0, 1, 0, 10) == 1.0  # no warm-up: the paper's mask from the start
+    assert classify.mask_strength(2.0, 1, 0, 10) == 0.0
+    assert classify.mask_strength(2.0, 1, 5, 10) == pytest.approx(0.25)
+    assert classify.mask_strength(2.0, 2, 5, 10) == pytest.approx(0.75)
+    assert classify.mask_strength(2.0, 3, 0, 10) == 1.0
+    assert classify.mask_strength(0.5, 1, 9, 10) == 1.0
 
 
 def test_mask_warmup_ramps_the_masks_during_training(tmp_path, monkeypatch):
     seen = []
-    real_step = engine.train_step
+    real_step = ClassifierObjective.step
 
-    def spy(ctx, batch, **kw):
-        seen.append(sorted({m.strength for m in ctx.model.modules() if isinstance(m, engine.PartMask)}))
-        return real_step(ctx, batch, **kw)
+    def spy(self, batch):
+        seen.append(sorted({m.strength for m in self.model.modules() if isinstance(m, PartMask)}))
+        return real_step(self, batch)
 
-    monkeypatch.setattr(engine, "train_step", spy)
+    monkeypatch.setattr(ClassifierObjective, "step", spy)
     model = tiny_net()
     train(_cfg(tmp_path, epochs=2, batch_size=4, mask_warmup_epochs=1.0), model=model, train_set=TinyParts(8))
     # 2 steps per epoch: strengths 0, 0.5 in epoch 1, then the full mask
     assert seen == [[0.0], [0.5], [1.0], [1.0]]
-    assert all(m.strength == 1.0 for m in model.modules() if isinstance(m, engine.PartMask))
+    assert all(m.strength == 1.0 for m in model.modules() if isinstance(m, PartMask))
     with pytest.raises(ConfigError, match=r"mask_warmup_epochs: must be below epochs \(2\)"):
         _cfg(tmp_path, epochs=2, mask_warmup_epochs=2.0).validate()
     with pytest.raises(ConfigError, match="mask_warmup_epochs: must be a finite non-negative number"):
@@ -257,16 +261,16 @@ def test_mask_warmup_ramps_the_masks_during_training(tmp_path, monkeypatch):
 
 
 def test_mask_options_reach_the_model_and_the_checkpoint(tmp_path):
-    from icnn.training.checkpoint import load_model
+    from icnn.training import load_model
 
     cfg = _cfg(tmp_path, arch="small_cnn", epochs=1, batch_size=8, mask={"beta": "adaptive", "beta_rate": 0.5},
                filter_loss={"lambda_": 0.0})
     model = train(cfg, train_set=TinyParts(8), eval_set=TinyParts(4, seed=1)).model
-    masks = [m for m in model.modules() if isinstance(m, engine.PartMask)]
+    masks = [m for m in model.modules() if isinstance(m, PartMask)]
     assert len(masks) == 2 and all(m.adaptive and m.beta_f.numel() == 128 for m in masks)
     assert not torch.allclose(masks[0].beta_f, torch.full_like(masks[0].beta_f, 0.1))  # moved during training
     loaded, loaded_cfg, _ = load_model(tmp_path)
-    for a, b in zip(masks, [m for m in loaded.modules() if isinstance(m, engine.PartMask)]):
+    for a, b in zip(masks, [m for m in loaded.modules() if isinstance(m, PartMask)]):
         assert b.adaptive and torch.equal(a.beta_f, b.beta_f)
     assert loaded_cfg.mask == {"beta": "adaptive", "beta_rate": 0.5}
     with pytest.raises(ConfigError, match="mask: beta must be a positive number"):
@@ -277,24 +281,26 @@ def test_mask_options_reach_the_model_and_the_checkpoint(tmp_path):
 
 def test_cliff_warning_names_the_layer_whose_filters_fell_silent(tmp_path, capsys):
     row = {"epoch": 3, "top/silent_fraction": 0.25, "new/silent_fraction": 0.625, "new/lambda": 0.1}
-    (warning,) = engine.cliff_warnings(row)  # 25% is not above the threshold
+    (warning,) = classify.cliff_warnings(row)  # 25% is not above the threshold
     assert warning.startswith("62% of layer 'new''s filters were silent in epoch 3") and "--lambda" in warning
-    engine._print_epoch({"loss": 0.5, "accuracy": 0.5, **row}, 4)
+    from icnn.training.loop import _print_epoch
+
+    _print_epoch({"loss": 0.5, "accuracy": 0.5, **row}, 4, classify.cliff_warnings(row))
     assert "warning: 62% of layer 'new'" in capsys.readouterr().err
-    assert engine.cliff_warnings({"epoch": 1, "new/silent_fraction": 0.0}) == []
+    assert classify.cliff_warnings({"epoch": 1, "new/silent_fraction": 0.0}) == []
 
 
 def test_runaway_warning_compares_the_mean_max_with_the_first_epoch():
     first = {"top/mean_max": 2.0, "new/mean_max": 1.5}
     row = {"epoch": 4, "top/mean_max": 200.0, "new/mean_max": 1500.0}  # top: exactly 100x, not above
-    (warning,) = engine.cliff_warnings(row, first)
+    (warning,) = classify.cliff_warnings(row, first)
     assert "layer 'new' grew 1e+03-fold since the first epoch" in warning and "lower --lambda" in warning
-    assert engine.cliff_warnings(row) == []  # no baseline yet
+    assert classify.cliff_warnings(row) == []  # no baseline yet
 
 
 def test_stem_lr_multiplier_splits_the_backbone_and_zero_keeps_the_stem_fixed(tmp_path):
     model = tiny_net()
-    groups = {g["name"]: g for g in engine.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, stem_lr_mult=0))}
+    groups = {g["name"]: g for g in classify.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, stem_lr_mult=0))}
     assert [groups[k]["lr"] for k in ("stem", "top", "new")] == [0.0, pytest.approx(0.01), 0.1]
     assert {id(p) for p in groups["stem"]["params"]} == {id(p) for p in model.stem.parameters()}
     assert {id(p) for p in groups["top"]["params"]} == {id(p) for p in model.layers["top"].parameters()}
@@ -312,7 +318,7 @@ def test_stem_lr_multiplier_splits_the_backbone_and_zero_keeps_the_stem_fixed(tm
 
 def test_resume_with_another_stem_lr_mult_names_the_option(tmp_path):
     _run(_cfg(tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match=r"different number of parameter groups; were stem_lr_mult \(--stem-lr-mult\)"):
+    with pytest.raises(ConfigError, match=r"stem_lr_mult: a resumed run keeps its checkpoint's setting \(stem_lr_mult = None"):
         _run(_cfg(tmp_path, epochs=2, stem_lr_mult=0.0), resume=tmp_path)
 
 
@@ -329,7 +335,7 @@ def _bn_stem_net(seed: int = 0):
 
 def test_freeze_stem_keeps_weights_and_batchnorm_statistics_and_computes_no_stem_gradient(tmp_path):
     model = _bn_stem_net()
-    groups = {g["name"]: g for g in engine.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, freeze_stem=True))}
+    groups = {g["name"]: g for g in classify.param_groups(model, TrainConfig(lr=0.1, backbone_lr_mult=0.1, freeze_stem=True))}
     assert sorted(groups) == ["backbone", "new"]
     assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.layers["top"].parameters()}
     stem_before = {k: v.clone() for k, v in model.stem.state_dict().items()}
@@ -354,5 +360,5 @@ def test_freeze_stem_config_errors_and_resume_names_the_option(tmp_path):
     with pytest.raises(ConfigError, match="freeze_stem: must be true or false"):
         TrainConfig.from_dict({"freeze_stem": "yes"})
     _run(_cfg(tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match=r"freeze_stem \(--freeze-stem\) set differently"):
+    with pytest.raises(ConfigError, match=r"freeze_stem: a resumed run keeps its checkpoint's setting \(freeze_stem = False"):
         _run(_cfg(tmp_path, epochs=2, freeze_stem=True), resume=tmp_path)

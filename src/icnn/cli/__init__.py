@@ -46,9 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from icnn.training.checkpoint import NonFiniteLossError
+
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except NonFiniteLossError as exc:  # the run stopped loudly; its last checkpoint is good
+        if os.environ.get("ICNN_DEBUG"):
+            raise
+        print(f"icnn: error: {exc}", file=sys.stderr)
+        return 1
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, FileExistsError) as exc:
         # User mistakes are reported in one line (ICNN_DEBUG=1 shows the traceback). Programming
         # errors (other exceptions) keep their traceback: they are bugs to report, not messages.
         if os.environ.get("ICNN_DEBUG"):

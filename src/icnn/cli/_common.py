@@ -1,10 +1,5 @@
-"""Helpers shared by the subcommands: config files, explicit flags, devices, output dirs.
-
-Precedence of settings (every subcommand): the dataclass defaults, then ``--config FILE``, then
-flags given explicitly on the command line. To tell explicit flags from defaults, parsers built
-with :func:`add_argument` use ``default=argparse.SUPPRESS``: a flag the user did not give is
-simply absent from the namespace (:func:`explicit`).
-"""
+"""What every subcommand shares besides the config flags (``_flags``): ``--config FILE`` and the
+checks of paths a config names."""
 
 from __future__ import annotations
 
@@ -19,11 +14,22 @@ from . import UsageError
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A flat table of settings from a TOML, YAML or JSON file; UsageError naming the file otherwise.
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings file (.toml, .yaml or .json) whose keys are the config's fields; flags given here win")
 
-    Keys are config field names (``batch_size``, not ``--batch-size``); dashes are accepted and
-    read as underscores. Nested tables (e.g. ``[filter_loss]``) stay dicts.
+
+def config_file(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """``(settings, path)`` of ``--config`` (``({}, None)`` without one)."""
+    path = getattr(args, "config", None)
+    return (load_config_file(path), path) if path else ({}, None)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A table of settings from a TOML, YAML or JSON file; UsageError naming the file otherwise.
+
+    Keys are config field names (``batch_size``, not ``--batch-size``); dashes are read as
+    underscores. Nested tables (e.g. ``[filter_loss]``) stay dicts.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -54,27 +60,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def explicit(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
-    """``{field: value}`` of the flags given on the command line (``names``: dest -> field)."""
-    return {field: getattr(args, dest) for dest, field in names.items() if hasattr(args, dest)}
-
-
-def parse_device(value: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; UsageError otherwise (and for CUDA without a GPU)."""
-    import torch
-
-    value = value.strip().lower()
-    if value in ("auto", "cpu"):
-        return value
-    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {value}: CUDA is not available on this machine (use cpu or auto)")
-        if ":" in value and int(value[5:]) >= torch.cuda.device_count():
-            raise UsageError(f"--device {value}: only {torch.cuda.device_count()} CUDA device(s)")
-        return value
-    raise UsageError(f"--device {value}: expected auto, cpu, cuda or cuda:N")
-
-
 def existing_dir(flag: str, value: str | None) -> str | None:
     if value is not None and not Path(value).is_dir():
         raise UsageError(f"{flag} {value}: no such directory")
@@ -87,11 +72,14 @@ def existing_file(flag: str, value: str | None) -> str | None:
     return value
 
 
-def fresh_out_dir(out: str | os.PathLike, *, marker: str = "checkpoint", hint: str = "") -> Path:
-    """``out`` for a new run: refuses a directory that already holds one (``out/marker``)."""
-    out = Path(out)
-    if (out / marker).exists() or (out / f"{marker}.old").exists():
-        raise UsageError(f"--out {out}: already holds a run ({out / marker}){hint}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    return out
+def existing_paths(cfg) -> None:
+    """The paths and names a TrainConfig refers to exist (one line naming the flag otherwise)."""
+    from icnn.models import list_models
+
+    if cfg.root is not None and not Path(cfg.root).exists():
+        raise UsageError(f"--root {cfg.root}: no such file or directory")
+    existing_dir("--negatives", cfg.negatives_root)
+    if cfg.weights not in (None, "imagenet"):
+        existing_file("--weights", cfg.weights)
+    if cfg.arch not in list_models():
+        raise UsageError(f"--arch {cfg.arch}: unknown architecture (choose one of {', '.join(list_models())})")

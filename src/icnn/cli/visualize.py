@@ -29,7 +29,6 @@ converted to RGB, resized (bilinear) to the network's input size, scaled to ``[0
 from __future__ import annotations
 
 import argparse
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from icnn.report.visualize import SECTION_TITLE, add_to_report, contribution_figure, overlay, png_bytes
+
 from . import UsageError
+from .evaluate import load_run
 
 METHODS = ("saliency", "guided", "deconvnet", "gradcam", "actmax", "contributions")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-SECTION_TITLE = "Visualisations"
-SECTION_ID = "visualisations"
 DISPLAY_MIN, DISPLAY_MAX = 256, 512  # longer side of the written overlays, in pixels
-BEGIN, END = "<!-- icnn:visualisations:begin -->", "<!-- icnn:visualisations:end -->"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,19 +78,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint and images
-
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The network of a checkpoint (a run's OUT folder or its ``checkpoint/``), in eval mode, and
-    its config as a dict: ``icnn.training.checkpoint.load_model`` with ``--checkpoint`` errors."""
-    from icnn.training.checkpoint import CheckpointError
-    from icnn.training.checkpoint import load_model as load_checkpoint_model
-
-    try:
-        model, cfg, _ = load_checkpoint_model(checkpoint, device)
-    except CheckpointError as exc:
-        raise UsageError(f"--checkpoint {checkpoint}: {exc}") from None
-    return model, cfg.to_dict()
 
 
 def image_paths(paths: list[str]) -> list[Path]:
@@ -137,58 +123,6 @@ def load_images(paths: list[Path], size: tuple[int, int]) -> tuple[torch.Tensor,
             why = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
             raise UsageError(f"--images {p}: cannot read image ({why})") from None
     return torch.stack(images), shown
-
-
-# ----------------------------------------------------------------------------------------------
-# drawing
-
-
-def overlay(image: torch.Tensor, heat: torch.Tensor, *, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """``(1 - alpha) image + alpha cmap(heat)``: image ``(3, H, W)`` in [0, 1], heat ``(h, w)`` in
-    [0, 1] (resized to ``(H, W)``, bilinear) -> ``(H, W, 3)`` uint8."""
-    import matplotlib
-
-    if heat.shape != image.shape[-2:]:  # bilinear to the image's size
-        heat = torch.nn.functional.interpolate(heat[None, None].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    colours = matplotlib.colormaps[cmap](heat.clamp(0, 1).cpu().numpy())[..., :3]  # (H, W, 3)
-    rgb = (1 - alpha) * image.permute(1, 2, 0).cpu().numpy() + alpha * colours
-    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def contribution_figure(rgb: np.ndarray, columns: list[str], counts: list[int], shares: list[float], title: str) -> bytes:
-    """The overlay next to a horizontal bar per part: ``"head (58 filters)"`` and its share in %."""
-    from matplotlib.figure import Figure as MplFigure  # no pyplot: no GUI backend, no global state
-
-    fig = MplFigure(figsize=(6.4, 2.8), layout="constrained")
-    ax_img, ax_bar = fig.subplots(1, 2, width_ratios=(1, 1.4))
-    ax_img.imshow(rgb)
-    ax_img.set_axis_off()
-    ax_img.set_title(title, fontsize=9)
-    labels = [f"{'other' if i == len(columns) - 1 else c} ({n})" for i, (c, n) in enumerate(zip(columns, counts))]
-    pct = [100 * s for s in shares]
-    y = np.arange(len(labels))[::-1]
-    ax_bar.barh(y, pct, color=["tab:blue" if v >= 0 else "tab:red" for v in pct])
-    ax_bar.set_yticks(y, labels, fontsize=8)
-    ax_bar.axvline(0, color="k", lw=0.5)
-    for yi, v in zip(y, pct):
-        ax_bar.annotate(f"{v:.1f}%", (v, yi), fontsize=7, va="center", xytext=(2 if v >= 0 else -2, 0),
-                        textcoords="offset points", ha="left" if v >= 0 else "right")  # fmt: skip
-    ax_bar.set_xlabel("share of the class score (%)", fontsize=8)
-    ax_bar.tick_params(axis="x", labelsize=7)
-    lo, hi = min(0.0, *pct), max(0.0, *pct)
-    pad = 0.25 * (hi - lo or 1.0)
-    ax_bar.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,59 +273,6 @@ def contribution_outputs(model, config: dict, images: torch.Tensor, shown: list[
 
 
 # ----------------------------------------------------------------------------------------------
-# the report
-
-
-def _section_html(section) -> str:
-    """The ``<section>`` of ``section`` as rendered by ``icnn.report``, with a fixed id."""
-    from icnn.report import render_report
-
-    page = render_report("x", [section])
-    m = re.search(r'<section id="[^"]*">.*?</section>', page, flags=re.S)
-    return re.sub(r'^<section id="[^"]*">', f'<section id="{SECTION_ID}">', m.group(0))
-
-
-def splice_section(page: str, section) -> str | None:
-    """``page`` (an icnn report) with the visualisations section in it (replacing an earlier one);
-    ``None`` when ``page`` is not an icnn report."""
-    block = f"{BEGIN}\n{_section_html(section)}\n{END}"
-    if BEGIN in page and END in page:
-        start, stop = page.index(BEGIN), page.index(END) + len(END)
-        return page[:start] + block + page[stop:]
-    if "</main>" not in page:
-        return None
-    at = page.find('<section id="config">')
-    at = at if at >= 0 else page.rindex("</main>")
-    page = page[:at] + block + "\n" + page[at:]
-    link = f'<li><a href="#{SECTION_ID}">{SECTION_TITLE}</a></li>'
-    if f'href="#{SECTION_ID}"' in page:
-        pass
-    elif "</ol></nav>" in page:
-        page = page.replace("</ol></nav>", f"{link}</ol></nav>", 1)
-    elif "<main>" in page:  # a report without sections has no table of contents yet
-        page = page.replace("<main>", f'<nav aria-label="Contents"><h2>Contents</h2><ol>{link}</ol></nav>\n<main>', 1)
-    return page
-
-
-def add_to_report(path: Path, section, *, title: str, fallback: Path) -> None:
-    from icnn.report import render_report
-    from icnn.training.checkpoint import atomic_write_bytes
-
-    if not path.exists():
-        page = render_report(title, [])  # a new report: the section alone, spliced like any other
-    else:
-        try:
-            page = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--report {path}: cannot read ({exc})") from None
-    new = splice_section(page, section)
-    if new is None:
-        raise UsageError(f"--report {path}: not an icnn HTML report (left unchanged); the section is in {fallback}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, new.encode("utf-8"))
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def _file_names(paths: list[Path]) -> list[str]:
@@ -407,8 +288,7 @@ def _file_names(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from icnn.report import Figure, Section, write_report
-
-    from ._common import parse_device
+    from icnn.training.loop import resolve_device
 
     methods = list(dict.fromkeys(args.method))
     for m in methods:
@@ -422,10 +302,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cmap {args.cmap}: not a matplotlib colour map")
     if args.steps < 1:
         raise UsageError(f"--steps must be positive, got {args.steps}")
-    device = parse_device(args.device)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(args.device)
     paths = image_paths(args.images)
-    model, config = load_model(args.checkpoint, device)
+    model, cfg, _ = load_run(args.checkpoint, device)
+    config = cfg.to_dict()
     try:
         layer_module(model, args.layer)
     except ValueError as exc:

@@ -8,7 +8,7 @@ from .custom import CustomParts
 from .ilsvrc_part import ILSVRCPart
 from .negatives import NegativeImages
 from .pascal_part import PascalPart
-from .registry import DATASETS, build_dataset
+from .registry import DATASETS, SPLITS, augments_by_flipping, build_dataset, is_validation
 from .single_category import SingleCategory
 
 __all__ = [
@@ -23,7 +23,10 @@ __all__ = [
     "Record",
     "SAMPLE_KEYS",
     "SingleCategory",
+    "SPLITS",
+    "augments_by_flipping",
     "build_dataset",
+    "is_validation",
 ]
 
 try:  # written alongside; the package works before it exists

@@ -59,6 +59,22 @@ def find_cub_root(root: str | Path) -> Path:
     return root
 
 
+def parse_ids(spec: str | Sequence[int], count: int) -> set[int]:
+    """``"1-5"``, ``"1,3,6-10"`` or a list of ints -> a set of 1-based ids in ``[1, count]``."""
+    ids: set[int] = set()
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    for part in parts:
+        try:
+            lo, _, hi = str(part).strip().partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise DatasetError(f"species {spec!r}: expected class ids such as '1-5' or '1,3,6-10'") from None
+    bad = sorted(i for i in ids if not 1 <= i <= count)
+    if bad or not ids:
+        raise DatasetError(f"species {spec!r}: class ids must lie in 1..{count}")
+    return ids
+
+
 def _by_id(rows: list[list[str]], path: Path, what: str) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {}
     for n, row in enumerate(rows, 1):
@@ -78,6 +94,8 @@ class CUB200(PartDataset):
         labels: ``"species"`` (200 classes) or ``"bird"`` (one class).
         landmarks: ``"paper"`` (head, back, tail) or ``"all"`` (CUB's 15 parts).
         image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
+        species: keep only these species (class ids of ``classes.txt``, 1-based): a list, or a
+            string of ids and ranges such as ``"1-5"`` or ``"1,3,6-10"`` (species transfer).
     """
 
     def __init__(
@@ -92,6 +110,7 @@ class CUB200(PartDataset):
         augment: bool = False,
         skip_bad: bool = False,
         keep_outside_landmarks: bool = False,
+        species: str | Sequence[int] | None = None,
     ):
         check_split(split)
         if labels not in ("species", "bird"):
@@ -113,7 +132,7 @@ class CUB200(PartDataset):
 
         if sorted(class_rows) != list(range(1, len(class_rows) + 1)):
             raise DatasetError(f"{p_classes}: class ids must be 1..{len(class_rows)}")
-        species = [class_rows[i][0] for i in range(1, len(class_rows) + 1)]
+        species_ids, species = species, [class_rows[i][0] for i in range(1, len(class_rows) + 1)]
         part_names = {pid: row[0] for pid, row in part_rows.items()}
         part_index = {name: pid for pid, name in part_names.items()}
         for needed in (*HEAD_PARTS, "back", "tail") if landmarks == "paper" else ():
@@ -149,6 +168,7 @@ class CUB200(PartDataset):
         else:
             names = [part_names[pid] for pid in part_ids]
 
+        keep = None if species_ids is None else parse_ids(species_ids, len(species))
         records = []
         for img_id in sorted(images):
             flag = parse_number(is_train[img_id][0], p_split, f"image {img_id}", int)
@@ -159,6 +179,8 @@ class CUB200(PartDataset):
             cls = parse_number(image_labels[img_id][0], p_labels, f"image {img_id}", int)
             if not 1 <= cls <= len(species):
                 raise DatasetError(f"{p_labels}: image {img_id}: class id {cls} is not in classes.txt")
+            if keep is not None and cls not in keep:
+                continue
             x, y, w, h = (parse_number(v, p_boxes, f"image {img_id}") for v in boxes[img_id])
             if w <= 0 or h <= 0:
                 raise DatasetError(f"{p_boxes}: image {img_id}: box width/height must be > 0, got {w} x {h}")

@@ -13,7 +13,8 @@ custom         the JSON's classes                one class (``category=`` if sev
 
 Extra keywords go to the loader, except the single-category ones (``balance``,
 ``max_positives``, ``max_negatives``, ``seed``, ``negatives_test_fraction``) which go to
-:class:`SingleCategory` / :class:`NegativeImages`.
+:class:`SingleCategory` / :class:`NegativeImages`; ``max_positives`` and ``max_negatives`` cap
+the training splits only ("train", "fit"): "val" and "test" keep every image.
 """
 
 from __future__ import annotations
@@ -23,10 +24,38 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
+import hashlib
+
 from .base import DatasetError, PartDataset
 
 DATASETS = ("synthetic", "cub200", "pascal_part", "ilsvrc_part", "custom")
 TASKS = ("single", "multi")
+SPLITS = ("train", "fit", "val", "test")
+VALIDATION_FRACTION = 0.2  # share of the training images held out as "val" (the rest is "fit")
+
+
+def is_validation(name: str) -> bool:
+    """The validation rule: a training image is in "val" when the SHA-1 of its file name (no
+    folder), read as a number in [0, 1), is below ``VALIDATION_FRACTION``; otherwise in "fit".
+
+    Deterministic and machine-independent (the file name, not the path), stable when images are
+    added or removed, and all objects of one image fall on the same side. Settings are chosen by
+    training on "fit" and evaluating on "val"; the chosen recipe then trains on "train" (= fit +
+    val) and is measured once on "test"."""
+    return int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < VALIDATION_FRACTION
+
+
+def _carve(ds: PartDataset, split: str | None) -> PartDataset:
+    """Keep the "fit" or "val" part of a dataset built from the training split."""
+    if split in ("fit", "val"):
+        ds.records = [r for r in ds.records if is_validation(r.path.name) == (split == "val")]
+    return ds
+
+
+def augments_by_flipping(name: str) -> bool:
+    """Whether ``augment`` flips the images of dataset ``name`` (the synthetic world draws its
+    own flips and poses: augmenting it adds nothing)."""
+    return name != "synthetic"
 _SINGLE_KEYS = ("balance", "max_positives", "max_negatives", "seed")
 
 
@@ -94,7 +123,9 @@ def build_dataset(
     Args:
         name: ``"synthetic"``, ``"cub200"``, ``"pascal_part"``, ``"ilsvrc_part"``, ``"custom"``.
         root: the dataset folder (None for synthetic).
-        split: ``"train"``, ``"test"`` (or None: every sample, real datasets only).
+        split: ``"train"``, ``"fit"`` / ``"val"`` (the training images without / with only the
+            validation images, :func:`is_validation`), ``"test"`` (or None: every sample, real
+            datasets only).
         task: ``"single"`` (target objects vs negatives, labels 0/1) or ``"multi"``.
         image_size: output size, int or ``(H, W)``.
         negatives_root: folder of negative images (single-category task, real datasets).
@@ -105,7 +136,10 @@ def build_dataset(
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if split not in (*SPLITS, None):
+        raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name == "synthetic":
+        split = "train" if split == "fit" else split  # its "val" is a stream of its own
         if root is not None:
             raise ValueError(f"the synthetic dataset is generated, it takes no root (got {root!r})")
         from . import synthetic
@@ -127,8 +161,11 @@ def build_dataset(
     if not root.exists():
         raise DatasetError(f"{root}: dataset root for {name!r} not found")
     single = {k: kw.pop(k) for k in _SINGLE_KEYS if k in kw}
+    if split not in ("train", "fit"):  # caps size a training set: an evaluated split keeps every image
+        single = {k: v for k, v in single.items() if k not in ("max_positives", "max_negatives")}
     neg_fraction = kw.pop("negatives_test_fraction", 0.3)
-    positives = _positives(name, root, task, split, image_size, augment, kw)
+    base_split = "train" if split in ("fit", "val") else split
+    positives = _carve(_positives(name, root, task, base_split, image_size, augment, kw), split)
     if task == "multi":
         if single:
             raise ValueError(f"{sorted(single)} apply to task='single' only")
@@ -140,7 +177,7 @@ def build_dataset(
 
     negatives = NegativeImages(
         negatives_root,
-        split=split,
+        split=base_split,
         test_fraction=neg_fraction,
         landmark_names=positives.landmark_names,
         part_names=positives.part_names,
@@ -148,4 +185,4 @@ def build_dataset(
         augment=augment,
         skip_bad=kw.get("skip_bad", False),
     )
-    return SingleCategory(positives, negatives, **single)
+    return SingleCategory(positives, _carve(negatives, split), **single)

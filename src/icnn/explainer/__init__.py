@@ -8,7 +8,7 @@ reconstructs the performer's fc features.
     ev = evaluate_explainer(performer, result.explainer, test_set)
 """
 
-from .evaluate import ExplainerEval, evaluate_explainer, write_explainer_report
+from .evaluate import ExplainerEval, evaluate_explainer
 from .model import (
     ChannelNorm,
     ExplainedNet,
@@ -21,7 +21,7 @@ from .model import (
     performer_targets,
     split_head,
 )
-from .train import ExplainerConfig, ExplainerLoss, ExplainResult, default_eta, load_explainer, train_explainer
+from .train import ExplainerConfig, ExplainerLoss, ExplainerObjective, ExplainResult, default_eta, load_explainer, train_explainer
 
 __all__ = [
     "ChannelNorm",
@@ -32,6 +32,7 @@ __all__ = [
     "ExplainerError",
     "ExplainerEval",
     "ExplainerLoss",
+    "ExplainerObjective",
     "ExplainerOutput",
     "PerformerFeatures",
     "build_explainer",
@@ -42,5 +43,4 @@ __all__ = [
     "performer_targets",
     "split_head",
     "train_explainer",
-    "write_explainer_report",
 ]

@@ -320,9 +320,12 @@ class PerformerFeatures(NamedTuple):
 
 
 @torch.no_grad()
-def performer_targets(performer: nn.Module, images: torch.Tensor, layer: str, targets: Sequence[str]) -> PerformerFeatures:
-    """One performer forward (no grad): the map read at ``layer``, its maps, the ``x*_l`` and logits."""
-    x = performer.stem(performer.normalize(images))
+def performer_targets(performer: nn.Module, images: torch.Tensor, layer: str, targets: Sequence[str], *,
+                      from_stem: bool = False) -> PerformerFeatures:  # fmt: skip
+    """One performer forward (no grad): the map read at ``layer``, its maps, the ``x*_l`` and logits.
+
+    ``from_stem``: ``images`` are already the stem's outputs (a cached frozen stem, ``icnn.cache``)."""
+    x = images if from_stem else performer.stem(performer.normalize(images))
     read = x if layer == "stem" else None
     relu, masked = {}, {}
     for name, lay in performer.layers.items():

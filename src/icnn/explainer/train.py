@@ -52,12 +52,9 @@ performer's fc8); it needs labels, and is a baseline, not an explanation.
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,87 +62,57 @@ from torch.utils.data import DataLoader, Subset
 
 from ..loss import FilterLoss
 from ..task_loss import task_loss_for
-from ..training.checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..training.distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed, world_size
-from ..training.engine import NonFiniteLossError, resolve_device, seed_everything
-from ..training.logs import RunLog
+from ..training.checkpoint import load_checkpoint
+from ..training.config import ConfigError, RunConfig
+from ..training.distributed import all_reduce_sum, world_size
+from ..training.loop import FitResult, Objective, StepOutput, fit, seed_everything
 from .model import Explainer, ExplainerError, ExplainerOutput, PerformerFeatures, build_explainer, performer_targets
 
 OBJECTIVES = ("reconstruct", "cls")
 
 
 @dataclass
-class ExplainerConfig:
+class ExplainerConfig(RunConfig):
     # --- explainer ---
-    layer: str = "stem"  # performer map explained: "stem" (relu4 / relu5_2 / small_cnn block3) or a layer name
-    reconstruct: list[str] | None = None  # performer head modules reconstructed (None: fc6, fc7; GAP heads: pooled features)
-    objective: str = "reconstruct"  # "reconstruct" (the explainer) or "cls" (the explainer+cls baseline)
-    eta: float | None = None  # weight of -log p (None: 1e6, or 1.5e5 for vgg16; paper §4)
+    layer: str = "stem"  # performer map explained: stem (relu4 / relu5_2 / the layer below the top conv-layer) or a layer name
+    reconstruct: list[str] | None = None  # performer head modules reconstructed (default fc6,fc7; GAP heads: the pooled features)
+    objective: str = "reconstruct"  # reconstruct (the explainer) or cls (the explainer+cls baseline: the classification loss instead)
+    eta: float | None = None  # weight of -log p (default 1e6, 1.5e5 for vgg16; paper §4)
     lambda_rec: float = 5e4  # lambda_l = lambda_rec / E||max(x*_l, 0)|| (paper §4)
-    lambda_cls: float = 5e4  # weight of the classification loss for objective="cls" (our choice)
-    logit_weight: float = 0.0  # + logit_weight * lambda_logit ||f(x_L) - f(x*_L)||^2 (f: the performer's classifier; our addition, 0 = paper)
-    lambda_f_scale: float = 1.0 / 300.0  # lambda_f = scale / N * E||dRec/dx_f|| / E||dLoss_f/dx_f|| (Appendix)
+    lambda_cls: float = 5e4  # weight of the classification loss of objective cls (our choice)
+    logit_weight: float = 0.0  # also match the performer's own logits on the reconstruction, this weight relative to lambda_l (label-free; 0: the paper)
+    lambda_f_scale: float = 1.0 / 300.0  # lambda_f = scale / epoch * E||dRec/dx_f|| / E||dLoss_f/dx_f|| (the Appendix: 1/300)
     grad_momentum: float = 0.9  # running means of the gradient norms behind lambda_f
-    filter_loss: dict[str, Any] = field(default_factory=dict)  # FilterLoss overrides (mode, weight_norm, ...)
-    mask: dict[str, Any] = field(default_factory=dict)  # PartMask keyword arguments
+    filter_loss: dict[str, Any] = field(default_factory=dict)  # FilterLoss options of the explainer's filter losses (mode, ...)
+    mask: dict[str, Any] = field(default_factory=dict)  # PartMask options of the explainer's masks
     norm_momentum: float = 0.1  # running-mean momentum of the norm-layers' alpha
     w_p_init: float = 0.0  # initial w_p (p = sigmoid(w_p) = 0.5)
-    # --- optimisation ---
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 32  # images per step, per process (global batch = batch_size * world size under torchrun)
-    optimizer: str = "adam"  # "adam" (scale-free: the paper's loss is ~1e6) or "sgd"
-    lr: float = 1e-4  # learning rate of the explainer's weights
     p_lr: float = 5e-2  # learning rate of w_p (Adam: w_p moves about this much per step)
-    momentum: float = 0.9  # SGD momentum / Adam beta1
+    # --- how it trains (RunConfig fields with the explainer's defaults) ---
+    optimizer: str = "adam"  # adam (scale-free: the paper's loss is ~1e6) or sgd
+    lr: float = 1e-4  # learning rate of the explainer's weights
     weight_decay: float = 0.0  # L2 weight decay on conv/fc weights
-    seed: int = 0  # seeds weights, shuffling
-    device: str = "auto"  # cpu, cuda, cuda:N or auto
-    num_workers: int = 0  # DataLoader workers
-    out: str = "runs/explain"  # output directory
-    log_every: int = 50  # a "step" log row every N steps (0: epochs only)
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: end of epoch only)
-    progress: bool = True  # tqdm bars when stderr is a terminal
+    out: str = "runs/explain"  # output directory: checkpoint/, log.csv, log.jsonl, config.json
+
+    CHOICES: ClassVar[dict[str, tuple]] = {**RunConfig.CHOICES, "objective": ("reconstruct", "cls")}
+    SIGNED: ClassVar[tuple[str, ...]] = ("w_p_init",)
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr_step")  # lr 0 freezes the weights (w_p has its own)
 
     def validate(self) -> "ExplainerConfig":
-        if self.objective not in OBJECTIVES:
-            raise ExplainerError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ExplainerError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ExplainerError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("lambda_rec", "lambda_cls", "logit_weight", "lambda_f_scale", "lr", "p_lr", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ExplainerError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.eta is not None and (not math.isfinite(self.eta) or self.eta < 0):
-            raise ExplainerError(f"eta must be a finite number >= 0, got {self.eta!r}")
-        if not 0 <= self.grad_momentum < 1 or not 0 < self.norm_momentum <= 1:
-            raise ExplainerError("grad_momentum must lie in [0, 1) and norm_momentum in (0, 1]")
+        super().validate()
+        if not self.grad_momentum < 1:
+            raise self._bad("grad_momentum", "must lie in [0, 1)")
+        if not 0 < self.norm_momentum <= 1:
+            raise self._bad("norm_momentum", "must lie in (0, 1]")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExplainerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ExplainerError(f"unknown explainer option(s): {', '.join(unknown)}")
-        return cls(**d).validate()
-
-
-# What a resumed run may change: how it runs, not what it computes.
-RESUME_OVERRIDABLE = frozenset({"epochs", "out", "device", "num_workers", "log_every", "checkpoint_every", "progress"})
+OBJECTIVES = ExplainerConfig.CHOICES["objective"]
 
 
 def resume_conflicts(cfg: ExplainerConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, cfg's value)}`` for every setting a resumed run may not change."""
-    fields = {f.name for f in dataclasses.fields(ExplainerConfig)} - RESUME_OVERRIDABLE
-    now = cfg.to_dict()
-    return {k: (saved[k], now[k]) for k in sorted(fields) if k in saved and saved[k] != now[k]}
+    return cfg.resume_conflicts(saved)
 
 
 def default_eta(performer: nn.Module) -> float:
@@ -311,197 +278,120 @@ class ExplainerLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# the objective on the one loop (icnn.training.loop.fit)
 
 
-@dataclass
-class ExplainResult:
-    explainer: Explainer
-    loss: ExplainerLoss
-    history: list[dict[str, Any]] = field(default_factory=list)  # epoch rows (means over all processes)
-    checkpoint: Path | None = None  # OUT/checkpoint (rank 0; None on the other processes)
-    step: int = 0
-    rank: int = 0  # this process under torchrun (only rank 0 writes)
-    world_size: int = 1  # processes that trained together
+class ExplainerObjective(Objective):
+    """The explainer (``model``, what the checkpoint holds) and its loss; the performer is read only."""
+
+    def __init__(self, performer: nn.Module, explainer: Explainer, loss: "ExplainerLoss", cfg: ExplainerConfig):
+        super().__init__()
+        self.model = self.net = explainer
+        self.loss = loss
+        self.cfg = cfg
+        self._performer = [performer]  # not a submodule: never saved, moved, or put in training mode
+        self.epoch = 1
+
+    @property
+    def performer(self) -> nn.Module:
+        return self._performer[0]
+
+    def param_groups(self, cfg):
+        rest = [p for n, p in self.model.named_parameters() if p.requires_grad and n != "w_p"]
+        return [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "explainer"},
+                {"params": [self.model.w_p], "lr": cfg.p_lr, "weight_decay": 0.0, "name": "w_p"}]  # fmt: skip
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.performer.eval()
+        return self
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loss.start_epoch(epoch)
+
+    def targets(self, batch) -> PerformerFeatures:
+        device = next(self.performer.parameters()).device
+        from_stem = "stem" in batch
+        x = (batch["stem"] if from_stem else batch["image"]).to(device)
+        with torch.no_grad():
+            return performer_targets(self.performer, x, self.cfg.layer, self.model.targets, from_stem=from_stem)
+
+    def step(self, batch) -> StepOutput:
+        perf = self.targets(batch)
+        with self.autocast():
+            out = self.net(perf.read)
+        labels = batch["label"].to(out.x_enc.device) if self.cfg.objective == "cls" else None
+        total, terms = self.loss(out, perf, self.epoch, labels)
+        self._p = float(out.p.detach())
+        return StepOutput(total, terms, perf.read.shape[0])
+
+    def after_step(self) -> None:
+        self.loss.after_backward(self._p)
+
+    def diagnostics(self) -> dict[str, float]:
+        return self.loss.diagnostics(self.epoch)
+
+    @torch.no_grad()
+    def measure_lambda_l(self, train_set, device) -> None:
+        """``lambda_l`` from the performer's features of all training images (paper §4); under
+        DDP each process reads every world-th image and ``estimate_lambda_l`` all-reduces."""
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)
+        shard = Subset(train_set, range(rank, len(train_set), world)) if world > 1 else train_set
+        plain = DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+
+        def rows(b):
+            f = self.targets(b)
+            return [*f.targets.values(), f.logits]
+
+        self.loss.estimate_lambda_l(rows(b) for b in plain)
 
 
-def _progress(iterable, enabled: bool, total: int, desc: str):
-    if not (enabled and sys.stderr.isatty()):
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+ExplainResult = FitResult  # .objective.model is the explainer
 
 
-def _param_groups(explainer: Explainer, cfg: ExplainerConfig) -> list[dict[str, Any]]:
-    rest = [p for n, p in explainer.named_parameters() if p.requires_grad and n != "w_p"]
-    return [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "explainer"},
-            {"params": [explainer.w_p], "lr": cfg.p_lr, "weight_decay": 0.0, "name": "w_p"}]  # fmt: skip
-
-
-def train_explainer(
-    performer: nn.Module,
-    train_set,
-    cfg: ExplainerConfig | None = None,
-    *,
-    resume: str | Path | None = None,
-    extra_config: dict[str, Any] | None = None,
-) -> ExplainResult:
+def train_explainer(performer: nn.Module, train_set, cfg: ExplainerConfig | None = None, *, resume: str | Path | None = None,
+                    extra_config: dict[str, Any] | None = None) -> FitResult:  # fmt: skip
     """Trains an explainer for ``performer`` on ``train_set`` (labels unused unless ``cls``).
 
     The performer is only read: its parameters, buffers and outputs are the same afterwards (its
     ``training`` flag is restored). Writes ``cfg.out/{checkpoint/, log.csv, log.jsonl,
-    config.json}``; ``resume`` (a run directory or its checkpoint) continues exactly.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this with the same arguments and
-    its performer on its own device (``cuda:LOCAL_RANK`` on GPUs); they train together with DDP
-    (see the module docstring) and only rank 0 writes.
+    config.json}``; ``resume`` (a run directory or its checkpoint) continues exactly. Under
+    ``torchrun`` every process calls this with the same arguments (its performer on its own
+    device); they train together with DDP (see the module docstring) and only rank 0 writes.
+    ``train_set`` may be a ``CachedDataset`` of the performer's frozen stem (``layer="stem"``).
     """
     cfg = (cfg or ExplainerConfig()).validate()
-    device = resolve_device(cfg.device)
-    ckpt = load_checkpoint(resume) if resume is not None else None
     seed_everything(cfg.seed)  # same on every process: identical initial weights
+    device = next(performer.parameters()).device
     was_training = performer.training
     performer.eval()
-    denv: DistEnv = init_distributed(device.type)
     try:
-        if denv.enabled and device.type == "cuda":
-            device = torch.device("cuda", denv.local_rank)
-        elif device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is the current GPU
-        return _train(performer, train_set, cfg, device, ckpt, extra_config or {}, denv)
+        explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
+                                    norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init).to(device)  # fmt: skip
+        with torch.no_grad():
+            probe = train_set[0]
+            x = (probe["stem"] if "stem" in probe else probe["image"])[None].to(device)
+            read = performer_targets(performer, x, cfg.layer, (), from_stem="stem" in probe).read
+            map_size = tuple(explainer.layers["interp1"].body(read).shape[-2:])
+        kind = "logistic" if performer.num_classes == 1 else "softmax"
+        eta = default_eta(performer) if cfg.eta is None else cfg.eta
+        objective = ExplainerObjective(performer, explainer, ExplainerLoss(explainer, map_size, cfg, eta, kind), cfg)
+        run_config = {**(extra_config or {}), **cfg.to_dict(), "eta_used": eta}
+        if resume is not None:
+            saved = load_checkpoint(resume)[2]
+            for key in ("performer_weights_sha256",):
+                if key in saved and key in run_config and saved[key] != run_config[key]:
+                    raise ExplainerError(f"resume: not the performer the run in {resume} explains ({saved.get('performer')}, "
+                                         f"weights sha256 {saved[key][:12]}...)")
+        result = fit(objective, train_set, cfg, resume=resume, run_config=run_config,
+                     on_start=lambda obj, dev: obj.measure_lambda_l(train_set, dev))  # fmt: skip
+    except ConfigError as exc:
+        raise ExplainerError(str(exc)) from None
     finally:
-        cleanup_distributed()
         performer.train(was_training)
-
-
-def _train(performer, train_set, cfg: ExplainerConfig, device, ckpt, extra_config, denv: DistEnv = DistEnv()) -> ExplainResult:
-    if next(performer.parameters()).device != device:
-        raise ExplainerError(f"the performer is on {next(performer.parameters()).device}, the run on {device}: move it first")
-    explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
-                                norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init).to(device)  # fmt: skip
-    h, w = train_set.image_size
-    with torch.no_grad():
-        read = performer_targets(performer, torch.zeros(1, 3, h, w, device=device), cfg.layer, ()).read
-        map_size = tuple(explainer.layers["interp1"].body(read).shape[-2:])
-    kind = "logistic" if performer.num_classes == 1 else "softmax"
-    eta = default_eta(performer) if cfg.eta is None else cfg.eta
-    loss_mod = ExplainerLoss(explainer, map_size, cfg, eta, kind).to(device)
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-    opt_kw = {"betas": (cfg.momentum, 0.999)} if cfg.optimizer == "adam" else {"momentum": cfg.momentum}
-    optimizer = opt_cls(_param_groups(explainer, cfg), lr=cfg.lr, **opt_kw)
-
-    sampler = EpochSampler(train_set, num_replicas=denv.world_size, rank=denv.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")  # fmt: skip
-    epoch, step, batches_done = 1, 0, 0
-    if ckpt is not None:
-        weights, state, saved = ckpt
-        conflicts = resume_conflicts(cfg, saved or {})
-        if conflicts:
-            key, (was, now) = next(iter(conflicts.items()))
-            raise ExplainerError(f"resume: the checkpoint was trained with {key} = {was!r}, this run asks for {now!r}; "
-                                 "a resumed run keeps what it computes (only epochs, device, workers and logging may change)")  # fmt: skip
-        try:
-            explainer.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            loss_mod.load_state_dict(state["loss"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise ExplainerError(f"resume: checkpoint does not match this explainer ({str(exc).splitlines()[0]})") from None
-        epoch, step, batches_done = state["epoch"], state["step"], state["batches_done"]
-        if state["epoch_done"]:
-            epoch, batches_done = epoch + 1, 0
-    else:
-        # lambda_l from the performer's features of all training images (paper §4); under DDP
-        # each process reads every world-th image and estimate_lambda_l all-reduces the sums
-        shard = Subset(train_set, range(denv.rank, len(train_set), denv.world_size)) if denv.enabled else train_set
-        plain = DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-        def target_rows(b):
-            f = performer_targets(performer, b["image"].to(device), cfg.layer, explainer.targets)
-            return [*f.targets.values(), f.logits]
-
-        loss_mod.estimate_lambda_l(target_rows(b) for b in plain)
-
-    net: nn.Module = explainer
-    if denv.enabled:  # averages the gradients of the per-process means (one all-reduce per step)
-        net = nn.parallel.DistributedDataParallel(explainer, device_ids=[device.index] if device.type == "cuda" else None)
-
-    out = Path(cfg.out)
-    run_config = {**extra_config, **cfg.to_dict(), "eta_used": eta}
-    log = None
-    if denv.is_main:  # only rank 0 writes (after the collectives above: every process is past its checks)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", run_config)
-        log = RunLog(out)
-        if ckpt is not None:
-            log.truncate_after(step)
-    if ckpt is not None:
-        set_rng_state(ckpt[1]["rng"])
-    if denv.rank:
-        seed_everything(cfg.seed + 1_000_003 * denv.rank + step)  # per-process randomness, as icnn train
-
-    def save(ep: int, bd: int, st: int, done: bool, metrics: dict | None = None) -> Path | None:
-        if not denv.is_main:
-            return None
-        state = {"epoch": ep, "batches_done": bd, "epoch_done": done, "step": st, "optimizer": optimizer.state_dict(),
-                 "loss": loss_mod.state_dict(), "rng": rng_state(), "metrics": metrics or {}}  # fmt: skip
-        if denv.enabled:
-            state["world_size"] = denv.world_size
-        return save_checkpoint(out, explainer, state, run_config)
-
-    result = ExplainResult(explainer, loss_mod, step=step, rank=denv.rank, world_size=denv.world_size)
-    names = ["loss", "main", "neg_log_p", "filter/interp1", "filter/interp2", "p"]
-    try:
-        while epoch <= cfg.epochs:
-            if batches_done == 0:
-                loss_mod.start_epoch(epoch)
-            sampler.set_epoch(epoch)
-            sampler.set_start(batches_done * cfg.batch_size)
-            net.train()
-            n_batches = math.ceil(sampler.num_samples / cfg.batch_size)
-            sums, n_img, t0 = torch.zeros(len(names), dtype=torch.float64), 0, time.perf_counter()
-            for batch in _progress(loader, cfg.progress and denv.is_main, len(loader), f"explain epoch {epoch}"):
-                images = batch["image"].to(device)
-                perf = performer_targets(performer, images, cfg.layer, explainer.targets)
-                o = net(perf.read)
-                labels = batch["label"].to(device) if cfg.objective == "cls" else None
-                total, terms = loss_mod(o, perf, epoch, labels)
-                values = torch.stack([total.detach(), *terms.values()]).double().cpu()
-                if not torch.isfinite(values).all():
-                    bad = ", ".join(f"{k} = {v:.4g}" for k, v in zip(names, values.tolist()))
-                    raise NonFiniteLossError(f"non-finite explainer loss at epoch {epoch}, step {step + 1}: {bad}; "
-                                             "stopped before the optimizer step")  # fmt: skip
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                loss_mod.after_backward(float(o.p.detach()))
-                b = images.shape[0]
-                sums += values * b
-                n_img += b
-                step += 1
-                batches_done += 1
-                if log is not None and cfg.log_every and step % cfg.log_every == 0:  # this process's running means
-                    log.write({"kind": "step", "epoch": epoch, "step": step, **dict(zip(names, (sums / n_img).tolist())),
-                               **loss_mod.diagnostics(epoch)})  # fmt: skip
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batches_done < n_batches:
-                    save(epoch, batches_done, step, done=False)
-            if denv.enabled:  # epoch means over all processes
-                total = all_reduce_sum(torch.cat((sums, sums.new_tensor([n_img]))).to(device)).cpu()
-                sums, n_img = total[:-1], int(total[-1].item())
-            row = {"kind": "epoch", "epoch": epoch, "step": step, **dict(zip(names, (sums / max(n_img, 1)).tolist())),
-                   "images_per_s": n_img / max(time.perf_counter() - t0, 1e-9), **loss_mod.diagnostics(epoch)}  # fmt: skip
-            if log is not None:
-                log.write(row)
-                print(f"explain epoch {epoch}/{cfg.epochs}  loss {row['loss']:.4g}  p {row['p']:.3f}  "
-                      f"main {row['main']:.4g}  lambda_f {row['interp2/lambda_f']:.3g}", file=sys.stderr, flush=True)  # fmt: skip
-            result.history.append(row)
-            result.checkpoint = save(epoch, 0, step, done=True, metrics=row)
-            result.step = step
-            epoch, batches_done = epoch + 1, 0
-    finally:
-        if log is not None:
-            log.close()
-    explainer.eval()
     return result
 
 

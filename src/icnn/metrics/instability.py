@@ -351,11 +351,18 @@ class InstabilityReferences:
     fixed_unit: tuple[int, int]  # (i, j) of the best fixed unit
     fixed_per_unit: torch.Tensor  # (h, w) [min_c] mean_k D of each fixed unit
     fixed_per_class: torch.Tensor  # (NC,) best fixed unit's value per class
+    random_per_landmark: torch.Tensor | None = None  # (K,) mean over draws of [min_c] D_k
+    fixed_per_landmark: torch.Tensor | None = None  # (K,) the best fixed unit of each landmark alone
     draws: int = 0
     seed: int = 0
 
     def summary(self) -> dict:
         return {"random_unit": self.random, "random_unit_std": self.random_std, "best_fixed_unit": self.fixed}
+
+    def per_landmark(self) -> dict:
+        """``{"random_unit": [K], "best_fixed_unit": [K]}``: each landmark's own references (the
+        figure "head 0.039" reads against the head's fixed unit, not the mean over landmarks)."""
+        return {"random_unit": self.random_per_landmark.tolist(), "best_fixed_unit": self.fixed_per_landmark.tolist()}
 
 
 def instability_references(
@@ -434,6 +441,8 @@ def instability_references(
         d = dist_to(units[:, rows], rows).permute(0, 2, 1)  # (R, K, n_c)
         d_rck[:, c], _ = _population_std(d.gather(-1, top.indices), torch.isfinite(top.values))
     rand_class, rand_min, _ = _class_scores(d_rck, parts, None)  # (R, NC), (R,)
+    per_k = lambda d: _nanmin(torch.where(parts, d, torch.full_like(d, float("nan"))), dim=-2)[0]  # noqa: E731  (..., NC, K) -> (..., K)
+    random_per_landmark = torch.nanmean(per_k(d_rck), dim=0)  # (K,)
     random_per_class = torch.nanmean(rand_class, dim=0)  # (NC,)
     random_vals = rand_min if categories is None else rand_class[:, categories].nanmean(dim=1)  # (R,)
     random = float(torch.nanmean(random_vals))
@@ -456,7 +465,9 @@ def instability_references(
         dev = d - mean[:, labels, :]  # each image against its own class's mean
         var = torch.einsum("unk,nck->uck", dev.pow(2), wf) / cnt.clamp_min(1)
         chunks.append(torch.where(cnt >= 2, var.sqrt(), torch.full_like(var, float("nan"))))
-    fixed_class, fixed_min, _ = _class_scores(torch.cat(chunks), parts, None)  # (U, NC), (U,)
+    d_uck = torch.cat(chunks)  # (U, NC, K)
+    fixed_class, fixed_min, _ = _class_scores(d_uck, parts, None)  # (U, NC), (U,)
+    fixed_per_landmark = _nanmin(per_k(d_uck), dim=0)[0]  # (K,)
     fixed_per_class, best_per_class = _nanmin(fixed_class, dim=0)  # (NC,) best unit of each class
     if categories is None:
         fixed, best = _nanmin(fixed_min, dim=0)
@@ -472,6 +483,8 @@ def instability_references(
         fixed_unit=(best // w, best % w),
         fixed_per_unit=fixed_min.reshape(h, w),
         fixed_per_class=fixed_per_class,
+        random_per_landmark=random_per_landmark,
+        fixed_per_landmark=fixed_per_landmark,
         draws=draws,
         seed=int(seed),
     )

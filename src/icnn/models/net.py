@@ -149,8 +149,10 @@ class InterpretableNet(nn.Module):
         return len(self.interpretable_layers) > 0
 
     def forward_features(self, x: torch.Tensor) -> FeatureMaps:
-        x = self.normalize(x)  # (B, 3, H, W)
-        x = self.stem(x)
+        return self.features_from_stem(self.stem(self.normalize(x)))  # (B, 3, H, W) -> stem -> layers
+
+    def features_from_stem(self, x: torch.Tensor) -> FeatureMaps:
+        """The interpretable layers on the stem's output (e.g. cached: ``icnn.cache``)."""
         relu, masked = {}, {}
         for name, layer in self.layers.items():
             relu[name], masked[name] = layer(x)  # (B, C, h, w) each
@@ -163,14 +165,18 @@ class InterpretableNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x).out)
 
-    def map_size(self, image_size: int | tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
-        """``(h, w)`` of every feature layer's map for images of ``image_size`` (no compute)."""
+    def layer_shapes(self, image_size: int | tuple[int, int] | None = None) -> dict[str, tuple[int, int, int]]:
+        """``(C, h, w)`` of every feature layer's map for images of ``image_size`` (no compute)."""
         hw = self.image_size if image_size is None else _pair(image_size)
         # the bodies only: masks keep the size, and the head may not fit every image size
         bodies = OrderedDict((n, layer.body) for n, layer in self.layers.items())
         chain = nn.Sequential(OrderedDict(normalize=self.normalize, stem=self.stem, **bodies))
         shapes = output_shapes(chain, hw, names=list(bodies))
-        return {n: tuple(shapes[n][-2:]) for n in bodies}
+        return {n: tuple(shapes[n]) for n in bodies}
+
+    def map_size(self, image_size: int | tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
+        """``(h, w)`` of every feature layer's map for images of ``image_size``."""
+        return {n: s[-2:] for n, s in self.layer_shapes(image_size).items()}
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, num_classes={self.num_classes}, interpretable={self.interpretable}"

@@ -27,6 +27,10 @@ COMPARISON_KEYS = [
     "silent_fraction",
     "silent_in_top",
     "location_instability_firing",
+    "collapse.peak_correlation",
+    "collapse.mode_share",
+    "collapse.higher_on_category",
+    "collapse.parts_effective",
 ]
 
 
@@ -41,40 +45,45 @@ def _shown_filters(per_filter: dict, count: int) -> list[int]:
     return [int(i) for i in np.argsort(score, kind="stable")[:count]]
 
 
+def _panel_mask(mask_layer, relu: torch.Tensor, f: int, channels: int) -> torch.Tensor:
+    """Filter ``f``'s mask on one ``relu (h, w)`` map; an ordinary layer (no mask) shows the
+    template a mask layer would pick."""
+    from ..mask import PartMask
+
+    if mask_layer is None:
+        return PartMask().mask(relu[None, None])[0, 0]
+    x = torch.zeros(1, channels, *relu.shape)
+    x[0, f] = relu  # masks act per filter (an adaptive mask has a slope per filter)
+    return mask_layer.mask(x)[0, f]
+
+
 @torch.no_grad()
 def _filter_figures(name: str, model, dataset, result, layer: str, count: int, top: int) -> tuple[list, list]:
+    """Fig. 4 panels and Fig. 5 top images from the maps the evaluation kept (no second forward pass)."""
     from ..metrics.part_iou import filter_regions
     from ..metrics.receptive_field import layer_geometry
 
-    device = next(model.parameters()).device
     geom = layer_geometry(model, layer)
     thresholds = torch.as_tensor(result.per_filter["threshold"], dtype=torch.float32)
+    top_maps = result.artifacts["top_maps"]  # (C, kept, 2, h, w): masked, before the mask
+    images_of = getattr(dataset, "base", dataset)  # a CachedDataset's images come from its base
     mask_layer = model.layers[layer].mask
     panels, tops = [], []
     for f in _shown_filters(result.per_filter, count):
         idx = result.artifacts["top_images"][f][:top]
         if not idx:
             continue
-        samples = [dataset[i] for i in idx]
-        images = torch.stack([s["image"] for s in samples]).to(device)
-        feats = model.forward_features(images)
-        relu = feats.relu[layer][:, f : f + 1].float().cpu()  # (n, 1, h, w)
-        masked = feats.masked[layer][:, f : f + 1].float().cpu()
+        images = torch.stack([images_of[i]["image"] for i in idx])
+        masked, relu = top_maps[f, : len(idx), 0:1], top_maps[f, : len(idx), 1]
         regions = filter_regions(masked, thresholds[f : f + 1], tuple(images.shape[-2:]), centers=geom)[:, 0]
-        if mask_layer is not None:
-            m = mask_layer.mask(feats.relu[layer][:1].float())[0, f].cpu()  # all filters: per-filter slopes
-        else:  # ordinary twin: no mask; show the template the interpretable layer would pick
-            from ..mask import PartMask
-
-            m = PartMask().mask(relu)[0, 0]
+        m = _panel_mask(mask_layer, relu[0], f, top_maps.shape[0])
         heat = torch.nn.functional.interpolate(masked[:1], size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
         heat = heat / heat.max().clamp_min(1e-12)
-        panels.append(Figure(figures.filter_panel(images[0].cpu(), relu[0, 0], m, masked[0, 0], heat, title=f"{name}: filter {f}"),
-                             f"{name}, filter {f} on its top image: x, mask, masked x, RF (paper Fig. 4)"))
+        panels.append(Figure(figures.filter_panel(images[0], relu[0], m, masked[0, 0], heat, title=f"{name}: filter {f}"),
+                             f"{name}, filter {f} on its top image: x, mask, masked x, RF (paper Fig. 4)"))  # fmt: skip
         scores = masked.reshape(len(idx), -1).amax(-1).tolist()
-        tops.append(Figure(figures.top_images([s["image"] for s in samples], list(regions.numpy()), scores, ncols=min(6, len(idx)),
-                                              title=f"{name}: filter {f}"),
-                           f"{name}, filter {f}: top-{len(idx)} images with the regions above its threshold (paper Fig. 5)", wide=True))
+        tops.append(Figure(figures.top_images(list(images), list(regions.numpy()), scores, ncols=min(6, len(idx)), title=f"{name}: filter {f}"),
+                           f"{name}, filter {f}: top-{len(idx)} images with the regions above its threshold (paper Fig. 5)", wide=True))  # fmt: skip
     return panels, tops
 
 
@@ -85,8 +94,12 @@ def run_sections(name: str, model, dataset, result, *, layer: str = "new", panel
                                 "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
     for k, v in m.get("instability_references", {}).items():
         rows.append([f"instability reference: {k}", v])
+    per_ref = m.get("instability_references_per_landmark", {})
     for k, v in m.get("instability_per_landmark", {}).items():
-        rows.append([f"instability, {k}", v])
+        refs = [f"{r.replace('_', ' ')} {per_ref[r][k]:.4f}" for r in ("random_unit", "best_fixed_unit") if k in per_ref.get(r, {})]
+        rows.append([f"instability, {k}" + (f" ({', '.join(refs)})" if refs else ""), v])
+    for k, v in m.get("collapse", {}).items():
+        rows.append([f"collapse: {k.replace('_', ' ')}", v if not isinstance(v, dict) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())])
     for k, v in m.get("part_interpretability_per_part", {}).items():
         rows.append([f"part interpretability, {k}", v])
     for k, v in m.get("dissection", {}).items():

@@ -1,44 +1,33 @@
-"""Training: config, engine (train / train_one_epoch / evaluate), atomic checkpoints, DDP helpers.
+"""Training: the one loop (``loop.fit``), its configs, atomic checkpoints and DDP helpers, and the
+classifier objective (``classify``: interpretable CNNs and their ordinary twins)."""
 
-``icnn.engine`` re-exports the same names (the package map in docs/DESIGN.md).
-"""
-
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .checkpoint import CheckpointError, NonFiniteLossError, RunDirError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .classify import ClassifierObjective, build_filter_losses, build_model_for, load_model, train
+from .config import Config, ConfigError, RunConfig, TrainConfig
 from .distributed import DistEnv, EpochSampler, init_distributed
-from .engine import (
-    ForwardWithMaps,
-    NonFiniteLossError,
-    StepContext,
-    TrainResult,
-    build_filter_losses,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    train,
-    train_one_epoch,
-    train_step,
-)
+from .loop import FitResult, Objective, StepOutput, fit
 
 __all__ = [
     "CheckpointError",
+    "ClassifierObjective",
+    "Config",
     "ConfigError",
     "DistEnv",
     "EpochSampler",
-    "ForwardWithMaps",
+    "FitResult",
     "NonFiniteLossError",
-    "StepContext",
+    "Objective",
+    "RunConfig",
+    "RunDirError",
+    "StepOutput",
     "TrainConfig",
-    "TrainResult",
     "build_filter_losses",
-    "evaluate",
+    "build_model_for",
+    "fit",
     "init_distributed",
     "load_checkpoint",
-    "make_optimizer",
-    "make_scheduler",
+    "load_model",
     "resolve_checkpoint",
     "save_checkpoint",
     "train",
-    "train_one_epoch",
-    "train_step",
 ]

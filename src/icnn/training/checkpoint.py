@@ -43,6 +43,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (missing, truncated, or not ours); one-line message."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss, a weight or a buffer became NaN/inf; the message names where and which."""
+
+
+class RunDirError(ValueError):
+    """An output directory that belongs to another run, or is in use; one-line message."""
+
+
 # ----------------------------------------------------------------------------------------------
 # atomic writes
 
@@ -131,8 +139,34 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _tensors(obj: Any, prefix: str):
+    """``(name, tensor)`` of every tensor nested in dicts/lists of ``obj``."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], state: dict[str, Any] | None = None) -> None:
+    """Raises NonFiniteLossError naming the first floating tensor (of the model's, then of the
+    state's) holding a NaN/inf."""
+    for name, t in (*tensors.items(), *_tensors(state or {}, "state")):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteLossError(f"non-finite values in {name}: the checkpoint was not written (the last one on disk "
+                                     "is kept); training stopped (lower --lr or --lambda)")
+
+
 def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, state: dict[str, Any], config: dict[str, Any]) -> Path:
-    """Writes ``OUT/checkpoint/`` atomically (see module docstring); returns its path."""
+    """Writes ``OUT/checkpoint/`` atomically (see module docstring); returns its path.
+
+    Every tensor (weights, buffers, optimizer and loss state) is checked finite first: a
+    NaN/inf raises NonFiniteLossError and nothing is written."""
+    tensors = model_tensors(model)
+    check_finite(tensors, {k: v for k, v in state.items() if k != "rng"})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = out / CHECKPOINT_DIR
@@ -142,7 +176,7 @@ def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, state: dict[
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        atomic_write_bytes(tmp / WEIGHTS_FILE, save_safetensors_bytes(model_tensors(model), metadata={"format": "icnn"}))
+        atomic_write_bytes(tmp / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata={"format": "icnn"}))
         atomic_write_bytes(tmp / STATE_FILE, _torch_bytes({"format_version": FORMAT_VERSION, **state}))
         atomic_write_json(tmp / CONFIG_FILE, config)
         _fsync_dir(tmp)
@@ -207,31 +241,54 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return weights, state, config
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuilds a trained network from a checkpoint: ``(model, TrainConfig, state)``.
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run directory of a checkpoint path (its OUT dir)."""
+    ckpt = resolve_checkpoint(path)
+    return ckpt.parent if ckpt.name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old") else ckpt
 
-    The architecture comes from the checkpoint's ``config.json``; the weights from its
-    ``model.safetensors`` (the backbone weights file it was initialised from is not needed).
-    ``state["filter_losses"]`` holds each interpretable layer's filter-loss state (e.g. the
-    filters' target categories). Raises CheckpointError naming the file on any problem.
+
+class RunLock:
+    """Exclusive ownership of a run directory while a run writes into it (``OUT/.lock``, flock).
+
+    ``claim(out, resume)``: a fresh run (``resume=None``) needs a directory that holds no run; a
+    resumed run writes into the directory it resumes, nowhere else. Either way the directory must
+    not be in use by another process. Released on ``close`` (and by the OS when the process dies).
     """
-    import dataclasses
 
-    from .config import ConfigError, TrainConfig
-    from .engine import build_model_for
+    def __init__(self, out: str | os.PathLike, resume: str | os.PathLike | None = None, *, flag: str = "--out"):
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"{flag} {out}: exists and is not a directory")
+        for parent in out.parents:
+            if parent.exists() and not parent.is_dir():
+                raise RunDirError(f"{flag} {out}: {parent} is a file, not a directory")
+        if resume is None:
+            if (out / CHECKPOINT_DIR).exists() or (out / f"{CHECKPOINT_DIR}.old").exists():
+                raise RunDirError(f"{flag} {out}: already holds a run ({out / CHECKPOINT_DIR}); resume it or choose another {flag}")
+        else:
+            owner = run_dir_of(resume)
+            if owner.resolve() != out.resolve():
+                raise RunDirError(f"{flag} {out}: a resumed run writes into its own directory ({owner}), not into another one")
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
 
-    weights, state, config = load_checkpoint(path)
-    try:
-        cfg = TrainConfig.from_dict(config, source=f"checkpoint {path} config")
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    num_classes = state.get("num_classes")
-    if num_classes is None:  # older checkpoints: infer from the head's last bias
-        last_bias = [k for k in weights if k.startswith("head") and k.endswith("bias")]
-        num_classes = int(weights[sorted(last_bias)[-1]].shape[0]) if last_bias else 1
-    model = build_model_for(dataclasses.replace(cfg, weights=None), int(num_classes))  # the checkpoint holds the weights
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit {cfg.arch} ({str(exc).splitlines()[0]})") from None
-    return model.to(device).eval(), dataclasses.replace(cfg, weights=None), state
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RunDirError(f"{flag} {out}: in use by another running icnn process") from None
+        except ImportError:  # no flock (Windows): no lock
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DistributedSampler
 
 
@@ -90,3 +91,59 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all processes).
+
+    ``torch.nn.SyncBatchNorm`` needs GPUs; this is the same computation for any backend (gloo on
+    CPU): the per-channel mean, then the centred sum of squares (two passes, as BatchNorm), each
+    all-reduced with ``torch.distributed.nn.functional.all_reduce``, which carries the gradient
+    back to every process. Running statistics are updated with the global mean and the unbiased
+    global variance, as one process on the global batch would. Same parameters and buffers as the
+    BatchNorm it replaces (checkpoints are interchangeable).
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = all_reduce(torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype))
+        mean = all_reduce(x.sum(dims)) / n
+        var = all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Makes every BatchNorm of ``model`` that trains compute global-batch statistics under DDP:
+    ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere. Frozen modules (in eval
+    mode, no trainable parameters) are left alone. In place; returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm) or isinstance(child, (GlobalBatchNorm, nn.SyncBatchNorm)):
+                continue
+            if not child.training and not any(p.requires_grad for p in child.parameters()):
+                continue
+            cls = nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm
+            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            if child.affine:
+                new.weight.requires_grad_(child.weight.requires_grad)
+                new.bias.requires_grad_(child.bias.requires_grad)
+            setattr(parent, name, new)
+    return model

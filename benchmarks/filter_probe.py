@@ -1,0 +1,191 @@
+"""Research probe (issue 22): why do interpretable filters collapse, and what fixes it?
+
+Frozen ImageNet EfficientNet-Lite0 stem, its outputs cached once (and for flipped images);
+trains the top conv-layer (lr 1e-3), the new 3x3 layer and the norm head (lr 1e-2) of both twins
+exactly as the CUB recipe does, then measures accuracy, location instability with both references
+and the collapse figures on a validation split carved from the training images (or on the test
+split once settings are chosen).
+
+  python benchmarks/filter_probe.py --setting cub --eval val --loss '{"lambda_":0.6,"z_estimate":"batch"}'
+"""
+import argparse, json, os, time, hashlib, zlib
+import torch, torch.nn.functional as F
+from icnn.models.registry import build_model
+from icnn.data.cub import CUB200
+from icnn.data.negatives import NegativeImages
+from icnn.loss import FilterLoss
+from icnn.metrics.instability import LocationInstability, landmark_distances
+from icnn.metrics.collapse import FilterCollapse
+from icnn.metrics.receptive_field import layer_geometry, unit_centers
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--setting", default="cub", choices=["cub", "transfer"])
+ap.add_argument("--eval", default="val", choices=["val", "test"])
+ap.add_argument("--variant", default="interp", help="ordinary | interp")
+ap.add_argument("--loss", default='{"lambda_":0.6,"z_estimate":"batch"}')
+ap.add_argument("--layers", default="top,new")
+ap.add_argument("--epochs", type=int, default=6)
+ap.add_argument("--bs", type=int, default=32)
+ap.add_argument("--lr", type=float, default=0.01)
+ap.add_argument("--top-lr", type=float, default=0.001)
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--nneg", type=int, default=300)
+ap.add_argument("--size", type=int, default=224)
+ap.add_argument("--mask", default="{}")
+ap.add_argument("--top-mask", type=int, default=1, help="0: the top layer keeps no mask")
+ap.add_argument("--data", default="../shared/data")
+ap.add_argument("--cache", default=".cache/filter_probe")
+ap.add_argument("--tag", default="")
+args = ap.parse_args()
+torch.set_num_threads(int(os.environ.get("NT", "2")))
+ROOT = os.path.join(args.data, "cub200-subset/CUB_200_2011"); NEG = os.path.join(args.data, "negatives")
+os.makedirs(args.cache, exist_ok=True)
+
+
+def is_val(key):  # the validation rule: 20% of the training images by SHA-1 of their file name
+    return int(hashlib.sha1(os.path.basename(key).encode()).hexdigest()[:8], 16) / 2**32 < 0.2
+
+
+def subsets():
+    """(train, eval) lists of (dataset, index) for the setting."""
+    tr = CUB200(ROOT, split="train", labels="species", image_size=args.size)
+    te = CUB200(ROOT, split="test", labels="species", image_size=args.size)
+    al = CUB200(ROOT, split=None, labels="species", image_size=args.size)
+    ntr = NegativeImages(NEG, split="train", landmark_names=tr.landmark_names, image_size=args.size)
+    nte = NegativeImages(NEG, split="test", landmark_names=tr.landmark_names, image_size=args.size)
+    rng = torch.Generator().manual_seed(0)
+    neg_tr = sorted(torch.randperm(len(ntr), generator=rng)[: args.nneg].tolist())
+    if args.setting == "cub":
+        pos_tr = list(range(len(tr.records)))
+        pos_te = [(te, i) for i in range(len(te.records))]
+    else:  # species 1-5 train; 6-10 every image (never seen)
+        pos_tr = [i for i, r in enumerate(tr.records) if r.label < 5]
+        pos_te = [(al, i) for i, r in enumerate(al.records) if r.label >= 5]
+    ptr = [(tr, i) for i in pos_tr]
+    ntr_l = [(ntr, i) for i in neg_tr]
+    fit = [p for p in ptr if not is_val(str(p[0].records[p[1]].path))], [n for n in ntr_l if not is_val(str(n[0].records[n[1]].path))]
+    val = [p for p in ptr if is_val(str(p[0].records[p[1]].path))], [n for n in ntr_l if is_val(str(n[0].records[n[1]].path))]
+    test = pos_te, [(nte, i) for i in range(len(nte.records))]
+    return fit, val, test
+
+
+@torch.no_grad()
+def features(name, pos, neg, flips):
+    p = os.path.join(args.cache, f"{args.setting}_{name}_{args.size}_{args.nneg}.pt")
+    if os.path.exists(p):
+        return torch.load(p)
+    m = build_model("efficientnet_lite0", num_classes=1, interpretable=False, weights="imagenet", image_size=args.size).eval()
+    items = [(d, i, 1) for d, i in pos] + [(d, i, 0) for d, i in neg]
+    xs, xf, ys, lms = [], [], [], []
+    for s in range(0, len(items), 32):
+        batch = [items[j][0][items[j][1]] for j in range(s, min(s + 32, len(items)))]
+        im = torch.stack([b["image"] for b in batch])
+        xs.append(m.stem(m.normalize(im)).half())
+        if flips:
+            xf.append(m.stem(m.normalize(im.flip(-1))).half())
+        ys += [items[j][2] for j in range(s, min(s + 32, len(items)))]
+        lm = torch.stack([b["landmarks"] for b in batch])
+        lm[[k for k, j in enumerate(range(s, min(s + 32, len(items)))) if items[j][2] == 0]] = float("nan")
+        lms.append(lm)
+    d = {"x": torch.cat(xs), "y": torch.tensor(ys), "lm": torch.cat(lms)}
+    if flips:
+        d["xf"] = torch.cat(xf)
+    torch.save(d, p)
+    return d
+
+
+t0 = time.time()
+fit, val, test = subsets()
+tr = features("fit", *fit, flips=True)
+ev = features("val", *val, flips=False) if args.eval == "val" else features("test", *test, flips=False)
+print(f"data: fit {len(tr['y'])} ({int(tr['y'].sum())} pos), eval[{args.eval}] {len(ev['y'])} ({int(ev['y'].sum())} pos) {time.time()-t0:.0f}s", flush=True)
+
+
+def build(interp):
+    torch.manual_seed(args.seed)
+    m = build_model("efficientnet_lite0", num_classes=1, interpretable=interp, weights="imagenet", image_size=args.size,
+                    head_norm=True, mask=json.loads(args.mask))
+    if interp and not args.top_mask:
+        m.layers["top"].mask = None
+    return m
+
+
+def run_layers(m, x):
+    relu, masked = {}, {}
+    h = x
+    for name, L in m.layers.items():
+        relu[name], masked[name] = L(h)
+        h = masked[name]
+    return relu, masked, m.head(h)
+
+
+interp = args.variant != "ordinary"
+m = build(interp)
+cfg = json.loads(args.loss)
+fls = {}
+if interp:
+    for name in args.layers.split(","):
+        c, h, w = 1280, 7 * args.size // 224, 7 * args.size // 224
+        fls[name] = FilterLoss(c, 2, (h, w), negative_class=0, **cfg)
+for p in m.stem.parameters():
+    p.requires_grad_(False)
+top_p = list(m.layers["top"].parameters())
+rest = [p for n, p in m.named_parameters() if not n.startswith("layers.top") and not n.startswith("stem")]
+opt = torch.optim.SGD([{"params": top_p, "lr": args.top_lr}, {"params": rest, "lr": args.lr}], momentum=0.9, weight_decay=5e-4)
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
+n = len(tr["y"])
+g = torch.Generator().manual_seed(args.seed)
+m.train()
+for ep in range(1, args.epochs + 1):
+    for f in fls.values():
+        f.start_epoch(ep)
+    perm = torch.randperm(n, generator=g)
+    tot = {"task": 0.0, "f": 0.0, "acc": 0.0}; nb = 0
+    for i in range(0, n - args.bs + 1, args.bs):
+        idx = perm[i:i + args.bs]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], tr["xf"][idx], tr["x"][idx]).float(); y = tr["y"][idx]
+        relu, masked, logit = run_layers(m, x)
+        logit = logit.squeeze(1)
+        loss = F.softplus(-(2 * y.float() - 1) * logit).mean()
+        fl = sum((fls[k](relu[k], y) for k in fls), torch.zeros(()))
+        if not torch.isfinite(loss + fl):
+            raise SystemExit(f"non-finite at ep {ep}")
+        opt.zero_grad(); (loss + fl).backward(); opt.step()
+        tot["task"] += loss.item(); tot["f"] += float(fl); tot["acc"] += ((logit > 0).long() == y).float().mean().item(); nb += 1
+    sched.step()
+    diag = {k: {kk: round(v, 3) for kk, v in f.diagnostics().items() if kk in ("spatial_entropy", "silent_fraction", "mean_max")} for k, f in fls.items()}
+    print(f"ep{ep} task {tot['task']/nb:.4f} acc {tot['acc']/nb:.3f} floss {tot['f']/nb:.4g} {diag} {time.time()-t0:.0f}s", flush=True)
+
+# ---- evaluation on the cached eval features
+m.eval()
+geom = layer_geometry(m, "new")
+hh = ww = 7 * args.size // 224
+ctr = unit_centers(geom, hh, ww).reshape(-1, 2).double()
+K = ev["lm"].shape[1]
+res = {}
+with torch.no_grad():
+    for layer in ("new", "top"):
+        inst = LocationInstability(1280, ["head", "back", "tail"], 2, top_k=100)
+        col = FilterCollapse(1280, 2, ["head", "back", "tail"])
+        correct = 0
+        for s in range(0, len(ev["y"]), 64):
+            x = ev["x"][s:s + 64].float(); y = ev["y"][s:s + 64]; lm = ev["lm"][s:s + 64]
+            relu, masked, logit = run_layers(m, x)
+            mp = masked[layer]
+            b = mp.shape[0]
+            sc, u = mp.reshape(b, 1280, -1).max(-1)
+            uxy = ctr[u]
+            inst.update(sc.double(), uxy, lm, y, (args.size, args.size))
+            col.update(sc, u, y, landmark_distances(uxy, lm, (args.size, args.size)))
+            correct += int(((logit.squeeze(1) > 0).long() == y).sum())
+        r = inst.compute(categories=torch.ones(1280, dtype=torch.long) if interp else None)
+        refs = inst.references(ctr.reshape(hh, ww, 2), draws=5)
+        c = col.compute()
+        res[layer] = {"instab": r.score, "firing": r.score_firing, "random": refs.random, "fixed": refs.fixed,
+                      "silent": float(r.silent_fraction.mean()),
+                      "per_lm": dict(zip(["head", "back", "tail"], [round(v, 4) for v in torch.nanmean(r.per_filter_landmark, 0).tolist()])),
+                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.summary().items()}}
+        res["acc"] = correct / len(ev["y"])
+out = {"args": vars(args), "res": res, "seconds": time.time() - t0}
+print("RESULT", json.dumps(out), flush=True)
