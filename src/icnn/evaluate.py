@@ -251,15 +251,16 @@ class MetricSuite:
 
 
 def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_threshold, dissection_threshold, categories, progress):
-    """Part interpretability and Network Dissection over the cached maps."""
+    """Part interpretability and Network Dissection over the cached maps: one pass over the regions."""
     from .metrics.dissection import NetworkDissection
     from .metrics.part_iou import PartInterpretability
 
     piou = PartInterpretability(thresholds, part_names, nc, mode=mode, centers=centers, iou_threshold=iou_threshold)
     dis = NetworkDissection(thresholds, part_names, mode=mode, centers=centers, iou_threshold=dissection_threshold)
     for maps, masks, labels in _progress(batches, progress, None, "part regions"):
-        piou.update(maps, masks, labels)
-        dis.update(maps, masks)
+        overlaps = piou.overlaps(maps, masks)
+        piou.update(maps, masks, labels, overlaps=overlaps)
+        dis.update(maps, masks, overlaps=overlaps)
     return piou.compute(categories=categories), dis.compute()
 
 

@@ -5,8 +5,9 @@ Evaluation of one layer over a dataset::
     pass 1   TopQuantile(C, total_units).update(maps)           -> thresholds T_f
              LocationInstability(C, landmark_names, NC).update_maps(maps, centers, landmarks, labels, hw)
              AccuracyMeter(NC).update(logits, labels)
-    pass 2   PartInterpretability(T, part_names, NC, centers=...).update(maps, part_masks, labels)
-             NetworkDissection(T, part_names, centers=...).update(maps, part_masks)
+    pass 2   ov = piou.overlaps(maps, part_masks)                 # the filters' regions, built once
+             PartInterpretability(T, part_names, NC, centers=...).update(maps, part_masks, labels, overlaps=ov)
+             NetworkDissection(T, part_names, centers=...).update(maps, part_masks, overlaps=ov)
 
 Every accumulator gives exactly the same numbers whatever the batching of the stream.
 """
@@ -56,10 +57,8 @@ __all__ = [
     "top_quantile",
 ]
 
-try:  # written by another engineer; the metrics above only need centres / a duck-typed geometry
-    from .receptive_field import *  # noqa: F401,F403
-    from . import receptive_field as _rf
+from . import receptive_field as _rf  # noqa: E402
+from .collapse import CollapseResult, FilterCollapse  # noqa: E402
+from .receptive_field import *  # noqa: F401,F403,E402
 
-    __all__ += list(getattr(_rf, "__all__", []))
-except ImportError:
-    pass
+__all__ += ["CollapseResult", "FilterCollapse", *getattr(_rf, "__all__", [])]

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .part_iou import DEFAULT_CHUNK_BYTES, MODES, _exceeds, region_overlaps
+from .part_iou import DEFAULT_CHUNK_BYTES, _exceeds, _mask_area, _Regions
 from .quantile import MetricError
 
 __all__ = ["DissectionResult", "NetworkDissection"]
@@ -50,7 +50,7 @@ class DissectionResult:
         }
 
 
-class NetworkDissection:
+class NetworkDissection(_Regions):
     """Streaming Network Dissection of one layer (see the module doc).
 
     Args:
@@ -59,7 +59,9 @@ class NetworkDissection:
         mode, centers, radius, chunk_bytes: as ``part_iou.PartInterpretability``.
         iou_threshold: 0.04 (Bau et al.).
 
-    ``update(maps (B, C, h, w), concept_masks (B, K, H, W) bool)``.
+    ``update(maps (B, C, h, w), concept_masks (B, K, H, W) bool, overlaps=None)``; ``overlaps``:
+    ``overlaps(maps, concept_masks)`` of this or of a ``PartInterpretability`` with the same
+    thresholds, mode, centers and radius, computed once per batch for both.
     """
 
     def __init__(
@@ -74,36 +76,26 @@ class NetworkDissection:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         names = [f"concept{k}" for k in range(concepts)] if isinstance(concepts, int) else list(concepts)
-        if mode not in MODES:
-            raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "rf" and centers is None:
-            raise MetricError("mode='rf' needs centers (the units' RF centres or a geometry)")
+        super().__init__(thresholds, mode, centers, radius, chunk_bytes)
         if thresholds.dim() != 1 or not names:
             raise MetricError("thresholds must be (C,) and concepts positive")
-        self.thresholds = thresholds.detach()
-        self.concept_names = names
-        self.mode, self.centers, self.radius = mode, centers, radius
-        self.iou_threshold, self.chunk_bytes = iou_threshold, chunk_bytes
+        self.concept_names, self.iou_threshold = names, iou_threshold
         c, k = len(thresholds), len(names)
         self.inter = torch.zeros(c, k, dtype=torch.long)  # sum_I |M ∩ L|
         self.region_area = torch.zeros(c, dtype=torch.long)  # sum_I |M|
         self.concept_area = torch.zeros(k, dtype=torch.long)  # sum_I |L|
         self.images = 0
 
-    def update(self, maps: torch.Tensor, concept_masks: torch.Tensor) -> None:
+    def update(self, maps: torch.Tensor, concept_masks: torch.Tensor, *, overlaps=None) -> None:
         b, k = maps.shape[0], len(self.concept_names)
         if concept_masks.dim() != 4 or concept_masks.shape[:2] != (b, k):
             raise MetricError(
                 f"concept_masks must be (B, K, H, W) = ({b}, {k}, H, W), got {tuple(concept_masks.shape)}"
             )
-        masks = concept_masks.bool()
-        inter, area = region_overlaps(
-            maps, self.thresholds, masks, mode=self.mode, centers=self.centers, radius=self.radius,
-            chunk_bytes=self.chunk_bytes,
-        )
-        self.inter += inter.sum(0).cpu()
-        self.region_area += area.sum(0).cpu()
-        self.concept_area += masks.sum(dim=(0, 2, 3)).cpu()
+        inter, area = self._overlaps(maps, concept_masks, overlaps)
+        self.inter += inter.sum(0)
+        self.region_area += area.sum(0)
+        self.concept_area += _mask_area(concept_masks).sum(0)
         self.images += b
 
     def union(self) -> torch.Tensor:

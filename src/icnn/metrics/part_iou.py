@@ -30,10 +30,12 @@ Two ways to map activations to the image (``mode``):
 
 Regions are strict ``> T_f``, so maps entirely at or below the threshold have empty regions and
 are skipped (most maps, at q = 0.005). Regions are built sparsely, around the active units only,
-as disjoint row intervals, and intersected with the masks through per-row prefix sums: the cost
-follows the number of active units, not ``B x C x H x W``. Pixel counts are int64 and IoU > 0.2
-is decided in exact integer arithmetic (``5 * |∩| > |∪|``), and a pixel's interpolated value does
-not depend on what else is in the batch: every number is the same whatever the batching.
+as disjoint row intervals (``_upsample_intervals``, ``_disk_intervals``), and intersected with the
+masks through per-row prefix sums: the cost follows the active units and the rows they reach, not
+``B x C x H x W``; Network Dissection takes the same overlaps (``overlaps`` of either metric,
+computed once per batch). Pixel counts are int64 and IoU > 0.2 is decided in exact integer
+arithmetic (``5 * |∩| > |∪|``), and a pixel's interpolated value does not depend on what else is
+in the batch: every number is the same whatever the batching.
 
 Multi-category: each filter is evaluated on images of its category - given, or by default
 ``c_hat = argmax_c mean_{I in I_c} sum_ij x_ij`` (paper §5.2.1) over the classes that have part
@@ -115,56 +117,125 @@ def resolve_radius(radius, centers, h: int, w: int, image_hw: tuple[int, int]) -
     raise MetricError(f"radius must be a number of pixels, 'stride' or 'rf', got {radius!r}")
 
 
-def _pixel_table(lo: torch.Tensor, t: torch.Tensor, ncell: int, dtype, device):
-    """Pixels of each interpolation cell along one axis (cells = runs of equal ``lo``).
-
-    Returns ``pix (ncell, L)`` pixel indices, ``t (ncell, L)`` weights, ``valid (ncell, L)``.
-    """
+def _runs(lo: torch.Tensor, t: torch.Tensor, ncell: int, device):
+    """One axis by interpolation cell: ``key = lo + t`` (nondecreasing along the axis, exact in
+    float64) and the first and end pixel of each cell's run of pixels ``[start, end)``."""
     count = torch.bincount(lo, minlength=ncell)
-    start = count.cumsum(0) - count
-    off = torch.arange(max(int(count.max()), 1))
-    valid = off[None, :] < count[:, None]
-    pix = (start[:, None] + off[None, :]).clamp(max=len(lo) - 1)
-    return pix.to(device), t[pix].to(device, dtype), valid.to(device)
+    end = count.cumsum(0)
+    return (lo + t.double()).to(device), (end - count).to(device), end.to(device)
 
 
-def _upsample_pixels(maps, thr, cx, cy, image_hw, chunk_bytes):
-    """Region pixels of ``maps (n, h, w)`` in mode "upsample": yields ``(map index, pixel index)``.
+def _reach(u, v, z):
+    """``[lo, hi]``: the weights ``t`` in ``[0, 1]`` with ``u + v t >= z``; none: ``[inf, -inf]``."""
+    r = (z - u) / v
+    lo = torch.where(v > 0, r, 0.0).clamp_min(0)
+    hi = torch.where(v < 0, r, 1.0).clamp_max(1)
+    none = (lo > hi) | ((v == 0) & (u < z))
+    return lo.masked_fill(none, float("inf")), hi.masked_fill(none, -float("inf"))
 
-    Pixel ``p`` lies in the interpolation cell of its lower-left unit pair ``(y0[p], x0[p])``; its
-    value is the bilinear mix of the cell's 4 corner units, so it can exceed the threshold only if
-    a corner does. Only cells with a corner above threshold are evaluated (a few per active unit
-    instead of the whole image), and since cells partition the image every pixel comes out once.
-    Rounding cannot create a region pixel away from active units.
+
+def _span(key, start, end, cell, lo, hi):
+    """Pixels ``[i0, i1)`` of the cells' runs ``[start, end)`` whose weight lies in ``[lo, hi]``."""
+    return (
+        torch.searchsorted(key, cell + lo).clamp(start, end),
+        torch.searchsorted(key, cell + hi, right=True).clamp(start, end),
+    )
+
+
+def _expand(first, count):
+    """``first[i] + 0, 1, .., count[i] - 1`` for every ``i``, flat, with the ``i`` of each."""
+    end = count.cumsum(0)
+    total = int(end[-1]) if len(end) else 0
+    i = torch.repeat_interleave(count, output_size=total)
+    return i, first[i] + torch.arange(total, device=count.device) - (end - count)[i]
+
+
+def _upsample_intervals(maps, thr, cx, cy, image_hw, chunk_bytes):
+    """Regions of ``maps (n, h, w)`` in mode "upsample" as disjoint row intervals: yields
+    ``(map index, row, x_first, x_last)`` (M,) each, inclusive, covering each region pixel once.
+
+    Pixel ``(py, px)`` lies in the interpolation cell of its lower-left unit pair ``(a, b)`` =
+    ``(y0[py], x0[px])`` with weights ``tx[px]``, ``ty[py]`` (``_axis_weights``); it is a region pixel
+    when, in the maps' dtype, ``row_a = m[a,b] (1 - tx) + m[a,b+1] tx``, ``row_b`` likewise on row
+    ``a + 1``, ``row_a (1 - ty) + row_b ty > thr``. A cell can hold one only if a corner is above
+    the threshold; cells partition the image, so only those are visited and no pixel comes twice.
+
+    In exact arithmetic the value is bilinear: on a pixel row it is ``F(tx) = p + q tx``, and
+    ``tx`` does not decrease along x (nor ``ty`` down y). The computed value is within
+    ``e = 64 eps max|corner| + 64 tiny`` of ``F`` (rounding bound: ``4 eps max|corner|``), so the
+    rows where neither edge of the cell (``tx = 0``, ``tx = 1``) reaches ``thr - e`` are out, and
+    on the others the pixels with ``F > thr + e`` are in and those with ``F < thr - e`` out: a
+    prefix and a suffix of the row's pixels, found by ``searchsorted`` on ``x0 + tx`` (rows alike
+    on ``y0 + ty``). Only the band between them is evaluated as above, pixel by pixel. It is
+    normally empty (a ~1e-5 px strip at the crossing); where a row lies within ``e`` of the
+    threshold, rounding can make its pixels alternate in and out (the region's pixels of a row
+    of a cell are then not one interval), and they come out as one-pixel intervals. Cost: active
+    cells x the rows they reach, plus the band's pixels; chunks of cells and of band rows bound
+    the memory.
     """
-    big_h, big_w = image_hw
-    n, h, w = maps.shape
+    h, w = maps.shape[1:]
     dt = maps.dtype if maps.dtype.is_floating_point else torch.float32
     maps, dev = maps.to(dt), maps.device
-    x0, _, tx = _axis_weights(cx, big_w)
-    y0, _, ty = _axis_weights(cy, big_h)
-    ncx, ncy = max(w - 1, 1), max(h - 1, 1)
-    px_t, tx_t, vx_t = _pixel_table(x0, tx, ncx, dt, dev)  # (ncx, Lx)
-    py_t, ty_t, vy_t = _pixel_table(y0, ty, ncy, dt, dev)  # (ncy, Ly)
+    fi = torch.finfo(dt)
+    rel, tiny = 64 * max(fi.eps, 2.0**-40), 64 * fi.tiny  # float64 maps: room for the float64 bookkeeping
+    x0, _, tx = _axis_weights(cx, image_hw[1])
+    y0, _, ty = _axis_weights(cy, image_hw[0])
+    tx, ty = tx.to(dt), ty.to(dt)
+    x_key, x_start, x_end = _runs(x0, tx, max(w - 1, 1), dev)
+    y_key, y_start, y_end = _runs(y0, ty, max(h - 1, 1), dev)
+    tx, ty = tx.to(dev), ty.to(dev)
     act = maps > thr[:, None, None]  # (n, h, w)
     if h > 1:
         act = act[:, :-1] | act[:, 1:]
     if w > 1:
         act = act[:, :, :-1] | act[:, :, 1:]
     cells = act.nonzero()  # (mc, 3): map, cell row a, cell column b
-    step = max(1, int(chunk_bytes) // (px_t.shape[1] * py_t.shape[1] * 16))
-    for start in range(0, len(cells), step):  # chunks of cells bound the memory
+    step = max(1, int(chunk_bytes) // (320 * int((y_end - y_start).max())))  # cells (~320 B a row)
+    band_rows = max(1, int(chunk_bytes) // (96 * int((x_end - x_start).max())))  # (~96 B a pixel)
+    inf = float("inf")
+    for start in range(0, len(cells), step):
         k, a, b = cells[start : start + step].unbind(1)
         ah, bh = (a + 1 if h > 1 else a), (b + 1 if w > 1 else b)
-        txc, tyc = tx_t[b], ty_t[a]  # (m, Lx), (m, Ly)
-        # the same operations, in the same order, as rows = m[x0] (1 - tx) + m[x1] tx, then
-        # rows[y0] (1 - ty) + rows[y1] ty: a pixel's value does not depend on what is batched
-        row_a = maps[k, a, b][:, None] * (1 - txc) + maps[k, a, bh][:, None] * txc  # (m, Lx)
-        row_b = maps[k, ah, b][:, None] * (1 - txc) + maps[k, ah, bh][:, None] * txc
-        val = row_a[:, None, :] * (1 - tyc)[:, :, None] + row_b[:, None, :] * tyc[:, :, None]  # (m, Ly, Lx)
-        inside = (val > thr[k][:, None, None]) & vy_t[a][:, :, None] & vx_t[b][:, None, :]
-        c, oy, ox = inside.nonzero().unbind(1)
-        yield k[c], py_t[a[c], oy] * big_w + px_t[b[c], ox]
+        corner = torch.stack((maps[k, a, b], maps[k, a, bh], maps[k, ah, b], maps[k, ah, bh]))  # (4, m)
+        c = corner.double()
+        e = corner.abs().amax(0).double() * rel + tiny
+        th = thr[k].double()
+        bad = ~torch.isfinite(e)  # non-finite corners: every pixel is tested
+        # the rows (weights ty) where the left or the right edge of the cell reaches thr - e
+        (l0, h0), (l1, h1) = (_reach(c[i], c[i + 2] - c[i], th - e) for i in (0, 1))
+        y_lo = torch.minimum(l0, l1).masked_fill(bad, -inf)
+        y_hi = torch.maximum(h0, h1).masked_fill(bad, inf)
+        r0, r1 = _span(y_key, y_start[a], y_end[a], a.double(), y_lo, y_hi)
+        j, row = _expand(r0, (r1 - r0).clamp_min(0))  # cell (in the chunk) and pixel row of each row
+        # on a row: p = F(0) = c0 + (c2 - c0) ty, q = dF/dtx = (c1 - c0) + ((c3 - c2) - (c1 - c0)) ty
+        # (corners c0 = m[a,b], c1 = m[a,b+1], c2 = m[a+1,b], c3 = m[a+1,b+1]); per cell, gathered by row
+        c0, c1, c2, c3 = c
+        fc = torch.stack((c0, c2 - c0, c1 - c0, (c3 - c2) - (c1 - c0), th + e, th - e), 1).index_select(0, j)
+        ic = torch.stack((k, b, x_start[b], x_end[b]), 1).index_select(0, j)
+        t = ty.index_select(0, row).double()
+        p = fc[:, 0] + fc[:, 1] * t
+        q = fc[:, 2] + fc[:, 3] * t + 0.0  # + 0: no -0, so that q = 0 divides as q > 0
+        r_in, r_out = (fc[:, 4] - p) / q, (fc[:, 5] - p) / q  # in beyond r_in, out beyond r_out
+        down = q < 0
+        lo, hi = torch.where(down, r_in, r_out), torch.where(down, r_out, r_in)  # the band
+        odd = bad.index_select(0, j) | lo.isnan() | hi.isnan()  # NaN: a flat row at thr +- e exactly
+        lo, hi = lo.masked_fill(odd, -inf), hi.masked_fill(odd, inf)
+        kj, s, en = ic[:, 0], ic[:, 2], ic[:, 3]
+        band0, band1 = _span(x_key, s, en, ic[:, 1].double(), lo, hi)
+        in0, in1 = torch.where(down, s, band1), torch.where(down, band0, en)
+        ok = in0 < in1
+        yield kj[ok], row[ok], in0[ok], in1[ok] - 1
+        nb = band1 - band0
+        for u in range(0, len(nb) if bool(nb.any()) else 0, band_rows):
+            i, px = _expand(band0[u : u + band_rows], nb[u : u + band_rows])
+            i += u
+            ci, txp, typ = j[i], tx[px], ty[row[i]]
+            # the per-pixel test, operation for operation: a pixel's value does not depend on
+            # what is batched with it
+            row_a = corner[0, ci] * (1 - txp) + corner[1, ci] * txp
+            row_b = corner[2, ci] * (1 - txp) + corner[3, ci] * txp
+            inside = row_a * (1 - typ) + row_b * typ > thr[k[ci]]
+            yield k[ci][inside], row[i][inside], px[inside], px[inside]
 
 
 def _disk_intervals(maps, thr, cx, cy, image_hw, radius: float, chunk_bytes):
@@ -227,14 +298,6 @@ def _disk_intervals(maps, thr, cx, cy, image_hw, radius: float, chunk_bytes):
             0, block, x1, reduce="amax", include_self=False
         )
         yield k[first], row[first], x0[first], last_end
-
-
-def _upsample_intervals(maps, thr, cx, cy, image_hw, chunk_bytes):
-    """``_upsample_pixels`` as one-pixel intervals ``(map, row, x, x)``."""
-    big_w = image_hw[1]
-    for k, pix in _upsample_pixels(maps, thr, cx, cy, image_hw, chunk_bytes):
-        row, x = pix // big_w, pix % big_w
-        yield k, row, x, x
 
 
 def _region_intervals(maps, thr, image_hw, mode, centers, radius, chunk_bytes):
@@ -300,7 +363,7 @@ def region_overlaps(
 
     ``maps (B, C, h, w)``, ``thresholds (C,)``, ``masks (B, P, H, W)`` bool. Only maps with a unit
     above threshold have a region; their region pixels are generated sparsely (see
-    ``_upsample_pixels`` / ``_disk_pixels``) in chunks under ``chunk_bytes`` and looked up in the
+    ``_upsample_intervals`` / ``_disk_intervals``) in chunks under ``chunk_bytes`` and looked up in the
     masks, so the cost follows the number of active units, not ``B x C x H x W``.
     """
     _check(maps, thresholds, mode)
@@ -317,8 +380,9 @@ def region_overlaps(
         return inter, area
     bi, fi = pairs.unbind(1)
     # prefix sums of every mask row: |interval ∩ mask| = cs[x_last + 1] - cs[x_first]
-    cs = torch.zeros(b, big_h, big_w + 1, p, dtype=torch.int32, device=maps.device)  # (B, H, W+1, P)
-    cs[:, :, 1:] = masks.bool().permute(0, 2, 3, 1).cumsum(2, dtype=torch.int32)
+    cs = torch.empty(b, big_h, big_w + 1, p, dtype=torch.int32, device=maps.device)  # (B, H, W+1, P)
+    cs[:, :, 0] = 0
+    cs[:, :, 1:] = masks.bool().cumsum(-1, dtype=torch.int32).permute(0, 2, 3, 1)
     cs = cs.reshape(b * big_h * (big_w + 1), p)  # rows: (image, row, x)
     inter_n = torch.zeros(len(pairs), p, dtype=torch.long, device=maps.device)
     area_n = torch.zeros(len(pairs), dtype=torch.long, device=maps.device)
@@ -326,7 +390,7 @@ def region_overlaps(
         maps[bi, fi], thresholds[fi], (big_h, big_w), mode, centers, radius, chunk_bytes
     ):
         base = (bi[k] * big_h + row) * (big_w + 1)
-        inter_n.index_add_(0, k, (cs[base + x1 + 1] - cs[base + x0]).long())
+        inter_n.index_add_(0, k, (cs.index_select(0, base + x1 + 1) - cs.index_select(0, base + x0)).long())
         area_n.index_add_(0, k, x1 - x0 + 1)
     inter[bi, fi] = inter_n
     area[bi, fi] = area_n
@@ -360,7 +424,47 @@ class PartInterpretabilityResult:
         }
 
 
-class PartInterpretability:
+class _Regions:
+    """The filter regions a metric is computed on: thresholds ``T_f``, mode, centres, radius, chunk.
+
+    ``overlaps(maps, masks)`` is ``region_overlaps`` with these settings. The regions are the
+    costly part, so metrics made with the same settings (``PartInterpretability`` and
+    ``NetworkDissection`` of one layer) share one pass over them: compute ``overlaps`` once per
+    batch and pass it to each metric's ``update(..., overlaps=)``.
+    """
+
+    def __init__(self, thresholds, mode, centers, radius, chunk_bytes):
+        if mode not in MODES:
+            raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "rf" and centers is None:
+            raise MetricError("mode='rf' needs centers (the units' RF centres or a geometry)")
+        self.thresholds = thresholds.detach()
+        self.mode, self.centers, self.radius, self.chunk_bytes = mode, centers, radius, chunk_bytes
+
+    def overlaps(self, maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inter (B, C, P)``, ``area (B, C)`` of ``maps (B, C, h, w)`` with ``masks (B, P, H, W)``."""
+        return region_overlaps(
+            maps, self.thresholds, masks.bool(), mode=self.mode, centers=self.centers, radius=self.radius,
+            chunk_bytes=self.chunk_bytes,
+        )
+
+    def _overlaps(self, maps, masks, overlaps) -> tuple[torch.Tensor, torch.Tensor]:
+        """``overlaps`` (given: shapes checked against the batch) or computed, on the CPU."""
+        if overlaps is None:
+            overlaps = self.overlaps(maps, masks)
+        inter, area = overlaps
+        b, c, p = maps.shape[0], maps.shape[1], masks.shape[1]
+        if tuple(inter.shape) != (b, c, p) or tuple(area.shape) != (b, c):
+            raise MetricError(f"overlaps must be inter ({b}, {c}, {p}) and area ({b}, {c}), as overlaps() returns")
+        return inter.cpu(), area.cpu()
+
+
+def _mask_area(masks: torch.Tensor) -> torch.Tensor:
+    """``(B, P)`` pixels of each mask, int64 on the CPU (summed in int32: no int64 copy of the masks)."""
+    return masks.bool().sum(dim=(-2, -1), dtype=torch.int32).long().cpu()
+
+
+class PartInterpretability(_Regions):
     """Streaming part interpretability of one layer (paper §5.2.1; see the module doc).
 
     Pass 2 of the metric: thresholds come from ``TopQuantile`` over the same maps (pass 1).
@@ -375,7 +479,8 @@ class PartInterpretability:
         iou_threshold: 0.2 (paper).
         chunk_bytes: memory bound of one chunk of filters.
 
-    ``update(maps (B, C, h, w), part_masks (B, P, H, W) bool, labels (B,))``.
+    ``update(maps (B, C, h, w), part_masks (B, P, H, W) bool, labels (B,), overlaps=None)``;
+    ``overlaps``: ``self.overlaps(maps, part_masks)``, computed once and shared (see ``_Regions``).
     """
 
     def __init__(
@@ -391,23 +496,18 @@ class PartInterpretability:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         names = [f"part{k}" for k in range(parts)] if isinstance(parts, int) else list(parts)
-        if mode not in MODES:
-            raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "rf" and centers is None:
-            raise MetricError("mode='rf' needs centers (the units' RF centres or a geometry)")
+        super().__init__(thresholds, mode, centers, radius, chunk_bytes)
         if thresholds.dim() != 1 or not names or num_classes <= 0:
             raise MetricError("thresholds must be (C,), parts and num_classes positive")
-        self.thresholds = thresholds.detach()
         self.part_names, self.num_classes = names, int(num_classes)
-        self.mode, self.centers, self.radius = mode, centers, radius
-        self.iou_threshold, self.chunk_bytes = iou_threshold, chunk_bytes
+        self.iou_threshold = iou_threshold
         c, p = len(thresholds), len(names)
         self.hits = torch.zeros(c, self.num_classes, p, dtype=torch.long)  # IoU > thr, per class
         self.with_part = torch.zeros(self.num_classes, p, dtype=torch.long)
         self.act_sum = torch.zeros(self.num_classes, c, dtype=torch.float64)
         self.class_count = torch.zeros(self.num_classes, dtype=torch.long)
 
-    def update(self, maps: torch.Tensor, part_masks: torch.Tensor, labels=None) -> None:
+    def update(self, maps: torch.Tensor, part_masks: torch.Tensor, labels=None, *, overlaps=None) -> None:
         b, c = maps.shape[:2]
         nc, p = self.num_classes, len(self.part_names)
         if part_masks.dim() != 4 or part_masks.shape[:2] != (b, p):
@@ -417,13 +517,8 @@ class PartInterpretability:
         labels = torch.zeros(b, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().cpu()
         if tuple(labels.shape) != (b,) or (b and (labels.min() < 0 or labels.max() >= nc)):
             raise MetricError(f"labels must be (B,) class indices in [0, {nc})")
-        masks = part_masks.bool()
-        inter, area = region_overlaps(
-            maps, self.thresholds, masks, mode=self.mode, centers=self.centers, radius=self.radius,
-            chunk_bytes=self.chunk_bytes,
-        )
-        inter, area = inter.cpu(), area.cpu()
-        mask_area = masks.sum(dim=(-2, -1)).cpu()  # (B, P)
+        inter, area = self._overlaps(maps, part_masks, overlaps)
+        mask_area = _mask_area(part_masks)  # (B, P)
         has = mask_area > 0  # images "with part k"
         union = area[:, :, None] + mask_area[:, None, :] - inter  # (B, C, P)
         hit = _exceeds(inter, union, self.iou_threshold) & has[:, None, :]  # (B, C, P)
