@@ -25,7 +25,7 @@ from icnn.explainer import (
 )
 from icnn.metrics.receptive_field import compose, conv_geometry, layer_geometry
 from icnn.models import build_model
-from icnn.models.net import fc_head, make_interpretable
+from icnn.models.net import fc_head, assemble
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def fc_performer(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))  # (B, 6, 8, 8) at 16 px
     top = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
-    net = make_interpretable(stem, top, fc_head(nn.MaxPool2d(2), hidden=10, dropout=0.5), num_classes=1,
+    net = assemble(stem, top, fc_head(nn.MaxPool2d(2), hidden=10, dropout=0.5), num_classes=1,
                              interpretable=False, image_size=16, arch="tiny_fc")  # fmt: skip
     for m in net.head.modules():
         if isinstance(m, nn.Linear):

@@ -1,5 +1,5 @@
 """Every registered backbone, both twins: forward + backward, identical parameters, masks, the
-new layer of paper §5; plus the heads, map sizes, errors and ``make_interpretable_from``."""
+new layer of paper §5; plus the heads, map sizes, errors and ``make_interpretable``."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from icnn.models import (
     build_model,
     fc_head,
     list_models,
+    assemble,
     make_interpretable,
-    make_interpretable_from,
     register_model,
 )
 from icnn.models.net import linear_head
@@ -149,7 +149,7 @@ def test_mask_options_reach_the_layers():
 def test_make_interpretable_by_hand():
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     top = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
-    net = make_interpretable(stem, top, linear_head(), num_classes=5, image_size=16, mean=(0, 0, 0), std=(1, 1, 1))
+    net = assemble(stem, top, linear_head(), num_classes=5, image_size=16, mean=(0, 0, 0), std=(1, 1, 1))
     assert net.map_size() == {"top": (8, 8), "new": (8, 8)}
     assert net.layers["new"].body.conv.weight.shape == (6, 6, 3, 3)
     assert net.head.fc.weight.shape == (5, 6)
@@ -160,9 +160,9 @@ def test_make_interpretable_by_hand():
     torch.testing.assert_close(feats.masked["top"], PartMask()(relu_top))
 
 
-def test_make_interpretable_from_torchvision_resnet():
+def test_make_interpretable_torchvision_resnet():
     tv = torchvision.models.resnet18(weights=None).eval()
-    net = make_interpretable_from(tv, "layer4", num_classes=2, image_size=64).eval()
+    net = make_interpretable(tv, "layer4", num_classes=2, image_size=64).eval()
     assert [n for n, _ in net.stem.named_children()] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
     x = torch.rand(1, 3, 64, 64)
     grabbed = {}
@@ -177,21 +177,21 @@ def test_make_interpretable_from_torchvision_resnet():
     assert net(x).shape == (1, 2)
 
 
-def test_make_interpretable_from_conv_takes_its_relu():
+def test_make_interpretable_conv_takes_its_relu():
     model = nn.Sequential(OrderedDict(
         features=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
         pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 10),
     ))  # fmt: skip
-    net = make_interpretable_from(model, "features.2", num_classes=3, image_size=16)
+    net = make_interpretable(model, "features.2", num_classes=3, image_size=16)
     assert [type(m).__name__ for m in net.layers["top"].body] == ["Conv2d", "ReLU"]
     assert [type(m).__name__ for m in net.stem] == ["Conv2d", "ReLU"]
     assert net.map_size() == {"top": (16, 16), "new": (16, 16)}
     # a conv without a following activation gets a ReLU appended
     bare = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 3))
-    net = make_interpretable_from(bare, "1", num_classes=2, image_size=16)
+    net = make_interpretable(bare, "1", num_classes=2, image_size=16)
     assert [type(m).__name__ for m in net.layers["top"].body] == ["Conv2d", "ReLU"]
     with pytest.raises(ModelError, match="no layer named 'features.9'"):
-        make_interpretable_from(model, "features.9", num_classes=2)
+        make_interpretable(model, "features.9", num_classes=2)
 
 
 def test_map_size_keeps_train_and_eval_modes():

@@ -1,6 +1,6 @@
 """Tiny networks and datasets that keep the contracts of docs/DESIGN.md, for fast engine tests.
 
-The network is a real ``InterpretableNet`` (``make_interpretable``) on a two-conv stem; the
+The network is a real ``InterpretableNet`` (``assemble``) on a two-conv stem; the
 dataset returns the DESIGN sample dicts with a learnable signal (a bright square on targets).
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from icnn.models.net import linear_head, make_interpretable
+from icnn.models.net import linear_head, assemble
 
 
 def tiny_net(*, num_classes: int = 1, interpretable: bool = True, image_size: int = 16, dropout: float = 0.0, seed: int = 0):
     torch.manual_seed(seed)
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())  # (B, 4, 8, 8)
     top = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())  # (B, 4, 8, 8)
-    return make_interpretable(
+    return assemble(
         stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable, image_size=image_size, arch="tiny"
     )
 

@@ -32,12 +32,12 @@ def _bn_net(seed: int = 5):
     """A network whose BatchNorm layers train: in the top conv-layer and before the head's fc."""
     from torch import nn
 
-    from icnn.models import linear_head, make_interpretable
+    from icnn.models import linear_head, assemble
 
     torch.manual_seed(seed)
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())
     top = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-    return make_interpretable(stem, top, linear_head(norm=True), num_classes=1, image_size=16, arch="tiny")
+    return assemble(stem, top, linear_head(norm=True), num_classes=1, image_size=16, arch="tiny")
 
 
 def _worker(rank: int, world: int, port: int, out: str, bn: bool = False) -> None:

@@ -325,12 +325,12 @@ def test_resume_with_another_stem_lr_mult_names_the_option(tmp_path):
 def _bn_stem_net(seed: int = 0):
     from torch import nn
 
-    from icnn.models import linear_head, make_interpretable
+    from icnn.models import linear_head, assemble
 
     torch.manual_seed(seed)
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     top = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
-    return make_interpretable(stem, top, linear_head(), num_classes=1, interpretable=True, image_size=16, arch="tiny")
+    return assemble(stem, top, linear_head(), num_classes=1, interpretable=True, image_size=16, arch="tiny")
 
 
 def test_freeze_stem_keeps_weights_and_batchnorm_statistics_and_computes_no_stem_gradient(tmp_path):

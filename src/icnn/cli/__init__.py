@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of a user mistake as one line; an error re-raised from a DataLoader worker
+    carries the worker's traceback, whose last line is the original error."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         # errors (other exceptions) keep their traceback: they are bugs to report, not messages.
         if os.environ.get("ICNN_DEBUG"):
             raise
-        print(f"icnn: error: {exc}", file=sys.stderr)
+        print(f"icnn: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("icnn: interrupted", file=sys.stderr)

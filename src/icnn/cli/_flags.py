@@ -138,3 +138,30 @@ def build(cls, *, flags: dict[str, Any], file_values: dict[str, Any] | None = No
         if exc.field in flags:
             raise UsageError(f"{flag_of(exc.field)}: {exc.reason}") from None
         raise UsageError(str(exc)) from None
+
+
+def build_run(cls, args: argparse.Namespace, flags: dict[str, Any]):
+    """``(config, resume)`` of a command that trains: a fresh run from ``--config`` and flags, or,
+    with ``--resume RUN``, the run's saved settings with the flags that only change how it runs
+    (a flag or file setting that changes what it computes is refused, naming it)."""
+    from icnn.training import CheckpointError, load_checkpoint
+    from icnn.training.checkpoint import run_dir_of
+
+    from ._common import config_file
+
+    file_values, file = config_file(args)
+    if args.resume is None:
+        return build(cls, flags=flags, file_values=file_values, file=file), None
+    try:
+        saved = load_checkpoint(args.resume)[2]
+    except CheckpointError as exc:
+        raise UsageError(f"--resume {args.resume}: {exc}") from None
+    base = {k: v for k, v in saved.items() if k in cls.field_names()}
+    cfg = build(cls, flags={"out": str(run_dir_of(args.resume)), **flags}, file_values=file_values, file=file, base=base,
+                source=f"--resume {args.resume}")  # fmt: skip
+    conflicts = cfg.resume_conflicts(saved)
+    if conflicts:
+        key = next(iter(conflicts))
+        where = f"--config {file} ({key})" if key in file_values and key not in flags else flag_of(key)
+        raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {saved[key]!r}); drop it or start a new run")
+    return cfg, args.resume

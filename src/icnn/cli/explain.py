@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from . import UsageError
-from ._common import add_common_flags, config_file
-from ._flags import add_config_flags, build, flag_of, given
+from ._common import add_common_flags
+from ._flags import add_config_flags, build_run, given
 from .evaluate import add_data_flags, add_eval_flags, data_config, eval_config, silent_note
 
 
@@ -78,27 +78,10 @@ def _weights_digest(performer: str) -> str:
 
 
 def build_config(args: argparse.Namespace):
-    """The explainer's config and the run to resume; a resumed run keeps its settings."""
+    """The run's config and the run to resume (or None); a resumed run keeps its settings."""
     from icnn.explainer import ExplainerConfig
-    from icnn.training import CheckpointError, load_checkpoint
-    from icnn.training.checkpoint import run_dir_of
 
-    file_values, file = config_file(args)
-    flags = given(args, ExplainerConfig)
-    if args.resume is None:
-        return build(ExplainerConfig, flags=flags, file_values=file_values, file=file), None
-    try:
-        saved = load_checkpoint(args.resume)[2]
-    except CheckpointError as exc:
-        raise UsageError(f"--resume {args.resume}: {exc}") from None
-    base = {k: v for k, v in saved.items() if k in ExplainerConfig.field_names()}
-    cfg = build(ExplainerConfig, flags={"out": str(run_dir_of(args.resume)), **flags}, file_values=file_values, file=file, base=base)
-    conflicts = cfg.resume_conflicts(saved)
-    if conflicts:
-        key = next(iter(conflicts))
-        where = f"--config {file} ({key})" if key in file_values and key not in flags else flag_of(key)
-        raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {saved[key]!r}); drop it or start a new run")
-    return cfg, args.resume
+    return build_run(ExplainerConfig, args, given(args, ExplainerConfig))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import UsageError
-from ._common import add_common_flags, config_file, existing_paths
-from ._flags import add_config_flags, build, flag_of, given
+from ._common import add_common_flags, existing_paths
+from ._flags import add_config_flags, build_run, given
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,28 +56,10 @@ def train_flags(args: argparse.Namespace) -> dict:
 
 
 def build_config(args: argparse.Namespace):
-    """The run's TrainConfig and the checkpoint to resume (or None). Raises UsageError."""
-    from icnn.training import CheckpointError, ConfigError, TrainConfig, load_checkpoint
+    """The run's config and the run to resume (or None); a resumed run keeps its settings."""
+    from icnn.training import TrainConfig
 
-    file_values, file = config_file(args)
-    flags = train_flags(args)
-    if args.resume is None:
-        return build(TrainConfig, flags=flags, file_values=file_values, file=file), None
-    try:
-        saved = load_checkpoint(args.resume)[2]
-        TrainConfig.from_dict(saved, source=f"--resume {args.resume}")  # a run icnn train can continue
-    except (CheckpointError, ConfigError) as exc:
-        raise UsageError(f"--resume {args.resume}: {exc}") from None
-    from icnn.training.checkpoint import run_dir_of
-
-    out = str(run_dir_of(args.resume))
-    cfg = build(TrainConfig, flags={"out": out, **flags}, file_values=file_values, file=file, base=saved)
-    conflicts = cfg.resume_conflicts(saved)
-    if conflicts:
-        key = next(iter(conflicts))
-        where = f"--config {file} ({key})" if key in file_values and key not in flags else flag_of(key)
-        raise UsageError(f"{where}: a resumed run keeps its checkpoint's setting ({key} = {saved[key]!r}); drop it or start a new run")
-    return cfg, args.resume
+    return build_run(TrainConfig, args, train_flags(args))
 
 
 def run(args: argparse.Namespace) -> int:

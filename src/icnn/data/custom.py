@@ -32,9 +32,10 @@ the top-left pixel is ``(0.5, 0.5)``). Splits: when entries carry ``"split"``, `
 selects those marked ``"train"``; a file where no entry has ``"split"`` is one set, returned for
 every split. A file where only some entries have it is an error (ambiguous).
 
-Everything in the JSON is checked at construction; each problem is one :class:`DatasetError`
-naming the file and the entry (``annotations.json: images[3].box: ...``). Images and mask files
-are read lazily.
+Everything in the JSON is checked at construction, and every image file must exist; each problem
+is one :class:`DatasetError` naming the file and the entry (``annotations.json: images[3].box:
+...``). An entry repeating another (same file and box) is refused, and so is a file listed in both
+splits (it would be tested on what it trained on). Images and mask files are decoded lazily.
 """
 
 from __future__ import annotations
@@ -132,9 +133,21 @@ class CustomParts(PartDataset):
 
         skipped: list[tuple[str, str]] = []
         records = []
+        seen: dict[tuple, tuple[int, str | None]] = {}  # (file, box) -> (entry, split)
+        split_of: dict[Path, tuple[int, str]] = {}  # file -> (entry, split)
         for i, entry in enumerate(entries):
             try:
                 record = self._record(entry, i, path, base, classes, landmark_names, part_names)
+                key = (record.path.resolve(), record.box)
+                if key in seen:
+                    raise DatasetError(f"{path}: images[{i}] repeats images[{seen[key][0]}] (same file and box)")
+                seen[key] = (i, entry.get("split"))
+                other = split_of.get(record.path.resolve())
+                if other is not None and "split" in entry and other[1] != entry["split"]:
+                    raise DatasetError(f"{path}: images[{i}] ({entry['split']}) and images[{other[0]}] ({other[1]}) "
+                                       f"use the same file {entry['file']!r}: a test image must not be trained on")
+                if "split" in entry:
+                    split_of.setdefault(record.path.resolve(), (i, entry["split"]))
             except DatasetError as exc:
                 if not skip_bad:
                     raise
@@ -166,6 +179,8 @@ class CustomParts(PartDataset):
         file = entry.get("file")
         if not isinstance(file, str) or not file:
             raise DatasetError(f"{at}.file: required, a path relative to {base}")
+        if not (base / file).is_file():
+            raise DatasetError(f"{at}.file: {base / file} not found")
         label = entry.get("label")
         if label not in classes:
             raise DatasetError(f"{at}.label: {label!r} is not one of the classes {classes}")

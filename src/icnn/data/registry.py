@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from torch.utils.data import Dataset
 
 import hashlib
+import re
 
 from .base import DatasetError, PartDataset
 
@@ -107,6 +108,17 @@ def _positives(name: str, root: Path, task: str, split: str, image_size, augment
     return ds
 
 
+def _loader(fn, name, *args, **kwargs):
+    """``fn(name, *args, **kwargs)``; a keyword the loader does not take is a DatasetError naming it."""
+    try:
+        return fn(name, *args, **kwargs)
+    except TypeError as exc:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if bad is None:
+            raise
+        raise DatasetError(f"dataset option {bad.group(1)!r}: not an option of dataset {name!r} (--dataset-option)") from None
+
+
 def build_dataset(
     name: str,
     root: str | Path | None = None,
@@ -152,8 +164,8 @@ def build_dataset(
             kw["crop_margin"] = kw.pop("margin")
         if task == "multi":
             kw.pop("crop_margin", None)
-            return synthetic.SyntheticParts(num_samples, split=split, image_size=image_size, **kw)
-        return synthetic.synthetic_single_category(num_samples, split=split, image_size=image_size, **kw)
+            return _loader(lambda _, **k: synthetic.SyntheticParts(num_samples, **k), name, split=split, image_size=image_size, **kw)
+        return _loader(lambda _, **k: synthetic.synthetic_single_category(num_samples, **k), name, split=split, image_size=image_size, **kw)
 
     if root is None:
         raise DatasetError(f"dataset {name!r} needs a root folder (root=None given)")
@@ -165,13 +177,15 @@ def build_dataset(
         single = {k: v for k, v in single.items() if k not in ("max_positives", "max_negatives")}
     neg_fraction = kw.pop("negatives_test_fraction", 0.3)
     base_split = "train" if split in ("fit", "val") else split
-    positives = _carve(_positives(name, root, task, base_split, image_size, augment, kw), split)
+    positives = _carve(_loader(_positives, name, root, task, base_split, image_size, augment, kw), split)
     if task == "multi":
         if single:
             raise ValueError(f"{sorted(single)} apply to task='single' only")
         return positives
+    if not len(positives):
+        raise DatasetError(f"{root}: no {'images' if task == 'multi' else 'positive images'} in split {split!r} of {name!r}")
     if negatives_root is None:
-        raise DatasetError(f"task='single' on {name!r} needs negatives_root (a folder of negative images)")
+        raise DatasetError(f"single-category {name!r} needs negative images: --negatives DIR (negatives_root)")
     from .negatives import NegativeImages
     from .single_category import SingleCategory
 

@@ -14,8 +14,8 @@ from .net import (
     add_head_norm,
     fc_head,
     linear_head,
+    assemble,
     make_interpretable,
-    make_interpretable_from,
     output_shapes,
 )
 from .registry import MODELS, build_model, list_models, register_model
@@ -35,8 +35,8 @@ __all__ = [
     "linear_head",
     "list_models",
     "load_backbone_weights",
+    "assemble",
     "make_interpretable",
-    "make_interpretable_from",
     "output_shapes",
     "read_state_dict",
     "register_model",

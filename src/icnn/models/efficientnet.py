@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .net import InterpretableNet, ModelError, linear_head, make_interpretable
+from .net import InterpretableNet, ModelError, linear_head, assemble
 from .registry import register_model
 from .weights import efficientnet_lite_imagenet_path, load_backbone_weights
 
@@ -55,7 +55,7 @@ def efficientnet_lite_net(
         load_backbone_weights(b, weights, ignore=("classifier.",), name=arch)
     stem = nn.Sequential(OrderedDict(conv_stem=b.conv_stem, bn1=b.bn1, blocks=b.blocks))
     top = nn.Sequential(OrderedDict(conv_head=b.conv_head, bn2=b.bn2))
-    return make_interpretable(
+    return assemble(
         stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
         image_size=image_size, mean=mean, std=std, mask=mask, arch=arch,
     )

@@ -8,7 +8,8 @@ filter was a 3x3xM tensor with a bias term. We added zero padding to input featu
 that output feature maps were of the same size as the input."* FC layers and the new conv-layer
 are initialised fresh; the other conv-layers come from the backbone.
 
-``make_interpretable(stem, top, head)`` is that transformation, written once for every backbone::
+``assemble(stem, top, head)`` is that transformation, written once for every backbone (and
+``make_interpretable(model, layer)`` cuts any ready-made model into the three pieces)::
 
     image (B,3,H,W) in [0,1]
       -> normalize                       (x - mean) / std
@@ -347,7 +348,7 @@ def new_conv_layer(channels: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
 
 
-def make_interpretable(
+def assemble(
     stem: nn.Module,
     top: nn.Module,
     head: HeadFactory,
@@ -404,7 +405,7 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.E
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def make_interpretable_from(
+def make_interpretable(
     model: nn.Module,
     layer: str,
     *,
@@ -412,7 +413,7 @@ def make_interpretable_from(
     head: HeadFactory | None = None,
     **kwargs,
 ) -> InterpretableNet:
-    """``make_interpretable`` for a ready-made model (e.g. any torchvision classifier).
+    """Make a ready-made model (any torchvision or timm classifier) interpretable (paper §5).
 
     ``layer`` (a dotted module name, as in ``model.named_modules()``) becomes the top conv-layer.
     Everything registered before it along its path is the stem; everything after it is dropped
@@ -428,8 +429,9 @@ def make_interpretable_from(
     children (``torch.flatten``, ``F.relu``) and skips around the path are not seen; the stem
     of such a model may not compute what the original does.
 
-    Keyword arguments go to ``make_interpretable`` (``interpretable``, ``image_size``, ``mean``,
-    ``std``, ``mask``, ``arch``).
+    Keyword arguments go to :func:`assemble` (``interpretable``, ``image_size``, ``mean``, ``std``,
+    ``mask``, ``arch``). Example: ``make_interpretable(torchvision.models.resnet18(), "layer4",
+    num_classes=1)``.
     """
     modules = dict(model.named_modules())
     if layer not in modules or layer == "":
@@ -452,7 +454,7 @@ def make_interpretable_from(
                     top_mods.append((prefix + part + "_relu", nn.ReLU()))
         parent, prefix = children[index][1], prefix + part + "."
     clean = lambda items: OrderedDict((n.replace(".", "_"), m) for n, m in items)  # noqa: E731
-    return make_interpretable(
+    return assemble(
         nn.Sequential(clean(stem)), nn.Sequential(clean(top_mods)), head or linear_head(),
         num_classes=num_classes, **kwargs,
     )

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, linear_head, make_interpretable
+from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, linear_head, assemble
 from .registry import register_model
 from .weights import WeightsError, load_backbone_weights
 
@@ -43,7 +43,7 @@ def resnet_net(
         conv1=b.conv1, bn1=b.bn1, relu=b.relu, maxpool=b.maxpool, layer1=b.layer1, layer2=b.layer2, layer3=b.layer3,
     ))  # fmt: skip
     top = nn.Sequential(OrderedDict(layer4=b.layer4))
-    return make_interpretable(
+    return assemble(
         stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
         image_size=image_size, mean=mean, std=std, mask=mask, arch=arch,
     )

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .net import InterpretableNet, linear_head, make_interpretable
+from .net import InterpretableNet, linear_head, assemble
 from .registry import register_model
 from .weights import WeightsError, load_backbone_weights
 
@@ -54,7 +54,7 @@ def small_cnn(
     if weights is not None:
         load_backbone_weights(backbone, weights, name="small_cnn")
     f = backbone.features
-    return make_interpretable(
+    return assemble(
         f[:-1], f[-1:], linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
         image_size=image_size, mean=mean, std=std, mask=mask, arch="small_cnn",
     )

@@ -3,7 +3,7 @@ paper's conv + fc backbones (§5 "Four types of CNNs").
 
 Each is a ``features`` ``nn.Sequential`` whose indices match its reference (torchvision's
 ``vgg16().features``, so torchvision state dicts load; Caffe's ``VGG_CNN_M``/``VGG_CNN_S``
-layer order for the Chatfield nets), made interpretable by ``make_interpretable``: the last
+layer order for the Chatfield nets), made interpretable by ``assemble``: the last
 conv + ReLU is the top conv-layer, what comes before it the stem, and pool5 opens the fc head::
 
     stem = features[:k]          conv1 ... conv5_2 (VGG-16), conv1 ... conv4 (VGG-M/S)
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, fc_head, make_interpretable
+from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, fc_head, assemble
 from .registry import register_model
 from .weights import WeightsError, load_backbone_weights
 
@@ -111,7 +111,7 @@ def conv_fc_net(
     if weights is not None:
         load_backbone_weights(backbone, weights, ignore=("classifier.",), name=arch)
     k = max(i for i, m in enumerate(features) if isinstance(m, nn.Conv2d))  # the top conv
-    return make_interpretable(
+    return assemble(
         features[:k], features[k : k + 2], fc_head(features[k + 2], hidden=hidden, dropout=dropout),
         num_classes=num_classes, interpretable=interpretable, image_size=image_size,
         mean=mean, std=std, mask=mask, arch=arch,

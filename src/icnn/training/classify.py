@@ -50,13 +50,16 @@ class ForwardWithMaps(nn.Module):
         return self.model.forward_head(feats.out), (feats.masked if self.on == "masked" else feats.relu), feats.masked
 
 
-def build_filter_losses(model: nn.Module, *, num_classes: int, image_size: int, cfg: dict[str, Any],
-                        negative_class: int | None = None) -> nn.ModuleDict:  # fmt: skip
+def build_filter_losses(model: nn.Module, *, num_classes: int = 2, negative_class: int | None = 0,
+                        image_size: int | None = None, cfg: dict[str, Any] | None = None) -> nn.ModuleDict:  # fmt: skip
     """One ``icnn.FilterLoss`` per interpretable layer of ``model`` (none for the ordinary twin).
 
     ``num_classes`` counts the dataset's classes (single-category: 2, with ``negative_class=0`` so
-    that no filter ever targets the negatives). ``cfg["layers"]`` limits the losses to some layers.
+    that no filter ever targets the negatives; multi-category: ``negative_class=None``).
+    ``image_size`` defaults to the one the model was built for. ``cfg``: ``FilterLossConfig``
+    options, plus ``layers`` (limit the losses to some layers); ``on`` is the engine's.
     """
+    cfg = cfg or {}
     from ..loss import FilterLoss
 
     kwargs = {k: v for k, v in cfg.items() if k not in ("on", "layers")}
@@ -135,11 +138,16 @@ COLLAPSE_MIN_FILTERS = 50  # fewer filters share units by chance (4 filters on 6
 
 
 def cliff_warnings(row: dict[str, Any], first: dict[str, Any] | None = None) -> list[str]:
-    """Warnings for a too-strong filter loss: a layer with more than ``SILENT_WARNING`` of its
+    """Warnings for a diverging run (the task loss grew ``RUNAWAY_WARNING``-fold) and for a
+    too-strong filter loss: a layer with more than ``SILENT_WARNING`` of its
     filters silent in the epoch, a layer whose mean ``max_ij x`` grew more than
     ``RUNAWAY_WARNING``-fold since the first epoch, and a layer whose filters collapsed into
     copies of one detector (``icnn.metrics.collapse``)."""
     out = []
+    task, task0 = row.get("task"), (first or {}).get("task")
+    if task is not None and task0 and row is not first and task > RUNAWAY_WARNING * task0:
+        out.append(f"the task loss grew {task / task0:.3g}-fold since the first epoch ({task0:.3g} -> {task:.3g}): "
+                   "training diverges (lower --lr or --momentum)")  # fmt: skip
     for k, v in (first or {}).items():
         now = row.get(k)
         if k.endswith("/mean_max") and now is not None and v > 0 and now > RUNAWAY_WARNING * v:

@@ -164,6 +164,8 @@ class RunConfig(Config):
         super().validate()
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise self._bad("device", "must be auto, cpu, cuda or cuda:N")
+        if not self.momentum < 1:
+            raise self._bad("momentum", "must be below 1 (SGD momentum, Adam's beta1): at 1 or more the steps grow without bound")
         return self
 
 
