@@ -215,7 +215,7 @@ def test_parts_share_colours_with_each_other_and_clutter():
 @given(seed=st.integers(0, 2**16), index=st.integers(0, 999), margin=st.floats(0.0, 0.5),
        hw=st.tuples(st.integers(8, 40), st.integers(8, 40)), square=st.booleans())
 def test_crop_geometry_property(seed, index, margin, hw, square):
-    ds = synthetic_single_category(1000, image_size=hw, seed=seed, crop_margin=margin, square_crop=square)
+    ds = synthetic_single_category(1000, image_size=hw, seed=seed, crop_margin=margin, square_crop=square, crop_jitter=0.0)
     index -= index % 2  # positives are the odd indices for the default fraction 1/2
     index += 1
     s = ds[index]
@@ -237,6 +237,18 @@ def test_crop_geometry_property(seed, index, margin, hw, square):
         assert x0 - 1e-3 <= x <= x1 + 1e-3 and y0 - 1e-3 <= y <= y1 + 1e-3
         assert (cols + 0.5 >= x0 - 1e-3).all() and (cols + 0.5 <= x1 + 1e-3).all()
         assert (rows + 0.5 >= y0 - 1e-3).all() and (rows + 0.5 <= y1 + 1e-3).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), index=st.integers(0, 499), jitter=st.floats(0.05, 1.0))
+def test_crop_jitter_moves_the_object_inside_the_crop(seed, index, jitter):
+    """Each side of the crop grows by its own U(0, jitter) of the box: the box stays whole inside the
+    crop and spans at least 1 / (1 + 2 jitter) of it along each axis."""
+    W = H = 64
+    ds = synthetic_single_category(1000, image_size=W, seed=seed, crop_jitter=jitter)
+    x0, y0, x1, y1 = ds[2 * index + 1]["box"].tolist()
+    assert -1e-3 <= x0 < x1 <= W + 1e-3 and -1e-3 <= y0 < y1 <= H + 1e-3
+    assert (x1 - x0) / W >= 1 / (1 + 2 * jitter) - 1e-3 and (y1 - y0) / H >= 1 / (1 + 2 * jitter) - 1e-3
 
 
 @settings(max_examples=10, deadline=None)
@@ -300,3 +312,20 @@ def test_index_out_of_range():
     ds = SyntheticParts(3, image_size=8)
     with pytest.raises(IndexError):
         ds[3]
+
+
+def test_a_filter_that_ignores_the_image_does_not_look_stable():
+    """Issue 22: the parts move inside the object crops (pose, rotation, flips, crop jitter), so the
+    best fixed unit's location instability is at least 0.4x the random unit's (it was 0.28x)."""
+    import torch
+
+    from icnn.metrics.instability import instability_references
+    from icnn.metrics.receptive_field import layer_geometry, unit_centers
+    from icnn.models import build_model
+
+    net = build_model("efficientnet_lite0", num_classes=1, image_size=160)
+    centers = unit_centers(layer_geometry(net, "new"), *net.map_size()["new"])
+    ds = synthetic_single_category(240, split="test", image_size=160)
+    lm = torch.stack([ds[i]["landmarks"] for i in range(len(ds)) if ds.is_positive(i)])
+    refs = instability_references(lm, None, (160, 160), centers, draws=5)
+    assert refs.fixed >= 0.4 * refs.random, (refs.fixed, refs.random)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..categories import assign_categories
 from .base import AttributionError, Target, analysis_mode, resolve_target, select_output, unwrap_model
 
 SHARES = ("abs", "positive")
@@ -195,7 +196,6 @@ def assign_filter_parts(
     class_sum = class_count = has_landmarks = None
     with analysis_mode(model), torch.no_grad():
         for batch in _batches(data, batch_size):
-            images = batch["image"].to(device)
             labels = torch.as_tensor(batch["label"]).long().to(device).flatten()  # (B,)
             landmarks = torch.as_tensor(batch["landmarks"]).to(device, torch.float64)  # (B, K, 2)
             if landmarks.shape[1:] != (k_parts, 2):
@@ -204,7 +204,11 @@ def assign_filter_parts(
                 )
             if len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
                 raise ContributionError(f"data: label {int(labels.max())} out of range for {n_cls} classes")
-            maps = model.forward_features(images).masked[layer].float()  # (B, C, h, w)
+            if "stem" in batch:  # a frozen stem's cached outputs (icnn.cache)
+                feats = model.features_from_stem(batch["stem"].to(device))
+            else:
+                feats = model.forward_features(batch["image"].to(device))
+            maps = feats.masked[layer].float()  # (B, C, h, w)
             b, c = maps.shape[:2]
             if votes is None:
                 votes = torch.zeros(c, n_cls, k_parts, dtype=torch.long, device=device)
@@ -247,9 +251,7 @@ def assign_filter_parts(
         raise ContributionError("data: no image has an annotated landmark; parts cannot be assigned")
     c = votes.shape[0]
     if categories is None:
-        means = class_sum / class_count.clamp_min(1)[:, None]  # (n_cls, C)
-        means[~(has_landmarks & (class_count > 0))] = -torch.inf
-        category = means.argmax(0)  # (C,)
+        category = assign_categories(class_sum, class_count, has_landmarks)  # (C,) icnn.categories
     else:
         category = torch.as_tensor(categories, dtype=torch.long, device=device).flatten()
         if category.shape != (c,) or (category < 0).any() or (category >= n_cls).any():

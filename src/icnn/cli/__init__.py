@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "visualize", "layers")
+SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "tree", "visualize", "layers")
 
 
 class UsageError(ValueError):

@@ -538,10 +538,9 @@ class PartInterpretability(_Regions):
 
     def default_categories(self) -> torch.Tensor:
         """``c_hat = argmax_c mean_{I in I_c} sum_ij x_ij`` over classes with part annotations."""
-        mean = self.mean_activation()
-        annotated = (self.with_part.sum(1) > 0) & (self.class_count > 0)  # (NC,)
-        mean = torch.where(annotated[None], mean, torch.full_like(mean, float("-inf")))
-        return mean.argmax(dim=1)
+        from ..categories import assign_categories
+
+        return assign_categories(self.act_sum, self.class_count.double(), self.with_part.sum(1) > 0)
 
     def compute(self, categories: torch.Tensor | None = None) -> PartInterpretabilityResult:
         c = len(self.thresholds)

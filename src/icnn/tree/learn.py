@@ -60,9 +60,11 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
+from ..training.config import Config
 from .extract import Features
 from .lasso import lasso
 from .model import DecisionTree, TreeError
@@ -73,9 +75,12 @@ _CHUNK = 1 << 23  # LASSO design elements per batch in exact mode (64 MB of floa
 
 
 @dataclass
-class TreeConfig:
-    """How ``fit_tree`` grows the tree (module docstring)."""
+class TreeConfig(Config):
+    """What the tree reads (``layer``, ``site``: for ``extract``) and how ``fit_tree`` grows it
+    (module docstring)."""
 
+    layer: str = "new"  # the interpretable layer whose maps the tree reads (new: the paper's top conv-layer)
+    site: str = "post_mask"  # post_mask: the maps after the mask (paper); pre_mask: before it ([VR]; per-image rationales through the mask)
     beta: float = 1.0  # each merge adds beta to log E: the prior e^{-beta |V|} (paper: 1)
     gamma: float | None = None  # P(x) ~ exp(gamma h(x)); None: 1 / mean normalised y of the positives (paper)
     lambda_scale: float = 1e-6  # LASSO penalty lam = lambda_scale * sqrt(|Omega_u|) (paper: 1e-6)
@@ -87,8 +92,11 @@ class TreeConfig:
     lasso_tol: float = 1e-4  # relative duality gap at which a LASSO is solved
     exact_limit: int = 400  # exact mode refuses more positive images (it fits O(n^2) LASSOs)
 
+    CHOICES: ClassVar[dict[str, tuple]] = {"mode": ("fast", "exact"), "alpha_mode": ("binary", "relaxed"), "site": ("post_mask", "pre_mask")}
+
     def __post_init__(self) -> None:
-        bad = lambda name, why: TreeError(f"config.{name}: {why}, got {getattr(self, name)!r}")
+        bad = lambda name, why: TreeError(f"config.{name}: {why}, got {getattr(self, name)!r}", field=name,
+                                          reason=f"{why}, got {getattr(self, name)!r}")  # fmt: skip
         if self.mode not in MODES:
             raise bad("mode", f"expected one of {', '.join(MODES)}")
         if self.alpha_mode not in ALPHA_MODES:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..training.config import ConfigError
 
-class TreeError(ValueError):
+
+class TreeError(ConfigError):
     """A wrong argument to the decision tree (features, config, paths); one line naming it."""
 
 
