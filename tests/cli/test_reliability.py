@@ -224,9 +224,9 @@ def test_each_layer_keeps_its_own_categories(tmp_path):
 
     model = tiny_net(num_classes=3)
     state = {"objective": {
-        "filter_losses.top.class_sum": torch.tensor([[5.0, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 5]]),
-        "filter_losses.top.class_count": torch.ones(3), "filter_losses.top.fixed_targets": torch.full((4,), -1),
-        "filter_losses.new.class_sum": torch.tensor([[0.0, 0, 0, 5], [0, 0, 5, 0], [5, 5, 0, 0]]),
-        "filter_losses.new.class_count": torch.ones(3), "filter_losses.new.fixed_targets": torch.full((4,), -1)}}  # fmt: skip
+        "filter_losses.top.stats.class_sum": torch.tensor([[5.0, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 5]]),
+        "filter_losses.top.stats.class_count": torch.ones(3), "filter_losses.top.stats.fixed_targets": torch.full((4,), -1),
+        "filter_losses.new.stats.class_sum": torch.tensor([[0.0, 0, 0, 5], [0, 0, 5, 0], [5, 5, 0, 0]]),
+        "filter_losses.new.stats.class_count": torch.ones(3), "filter_losses.new.stats.fixed_targets": torch.full((4,), -1)}}  # fmt: skip
     assert filter_categories(model, state, "top").tolist() == [0, 1, 2, 2]
     assert filter_categories(model, state, "new").tolist() == [2, 2, 1, 0]

@@ -166,7 +166,7 @@ def test_lambda_schedules():
     x[0, 0, 0, 0] = 4.0
     x[1, 0, 1, 1] = 2.0  # mean max = 3
     labels = torch.tensor([1, 0])
-    expect = {"paper": 0.5 * 3 / 2, "mean_max": 0.5 * 3, "inverse_epoch": 0.5 / 2, "constant": 0.5}
+    expect = {"paper": 0.5 * 3 / 2, "inverse_epoch": 0.5 / 2, "constant": 0.5}
     for schedule, value in expect.items():
         fl = FilterLoss(1, 2, (2, 2), lambda_=0.5, schedule=schedule, negative_class=0)
         fl.start_epoch(2)
@@ -211,15 +211,15 @@ def test_running_z_estimates():
     scores = lambda x: (x.reshape(4, 4) @ part_templates(2, 2).reshape(5, 4).t()).double()  # noqa: E731
     lm1 = torch.logsumexp(scores(x1), 0) - math.log(4)
     lm2 = torch.logsumexp(scores(x2), 0) - math.log(4)
-    ep = FilterLoss(1, 2, (2, 2), z_estimate="epoch", negative_class=0)
-    ep(x1, labels)
-    ep(x2, labels)
-    torch.testing.assert_close(ep.log_z[0].double(), torch.logaddexp(lm1, lm2) - math.log(2), rtol=1e-5, atol=1e-6)
+    per_batch = FilterLoss(1, 2, (2, 2), z_estimate="batch", negative_class=0)
+    per_batch(x1, labels)
+    per_batch(x2, labels)
+    torch.testing.assert_close(per_batch.stats.log_z[0].double(), lm2, rtol=1e-5, atol=1e-6)
     run = FilterLoss(1, 2, (2, 2), z_estimate="running", z_momentum=0.9, negative_class=0)
     run(x1, labels)
     run(x2, labels)
     expected = torch.log(0.9 * lm1.exp() + 0.1 * lm2.exp())
-    torch.testing.assert_close(run.log_z[0].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run.stats.log_z[0].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_config_validation():
@@ -287,3 +287,31 @@ def test_warmup_epochs_delay_lambda():
         fl(x, torch.tensor([1, 0]))
         got.append(fl.diagnostics()["lambda"])
     assert got == [0.0, 0.0, pytest.approx(0.4), pytest.approx(0.2)]
+
+
+def test_z_scope_category_normalises_each_template_over_its_own_images():
+    g = torch.Generator().manual_seed(9)
+    x = torch.relu(torch.randn(6, 1, 2, 2, generator=g)) * 3
+    labels = torch.tensor([1, 1, 0, 1, 0, 0])
+    fl = FilterLoss(1, 2, (2, 2), z_estimate="batch", z_scope="category", negative_class=0)
+    fl(x, labels)
+    s = (x.reshape(6, 4) @ part_templates(2, 2).reshape(5, 4).t()).double()  # (B, T)
+    pos, neg = labels == 1, labels == 0
+    expected = torch.cat([torch.logsumexp(s[pos, :4], 0) - math.log(3), (torch.logsumexp(s[neg, 4], 0) - math.log(3))[None]])
+    torch.testing.assert_close(fl.stats.log_z[0].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_sign_variants_of_eq4():
+    # a negative image that fires above the batch's typical level: Eq. 4 pushes it *up*
+    x = torch.zeros(4, 1, 3, 3)
+    x[0, 0, 1, 1], x[1, 0, 0, 0], x[2, 0, 2, 2] = 6.0, 5.0, 9.0  # 0, 1 positives; 2 a firing negative; 3 silent
+    labels = torch.tensor([1, 1, 0, 0])
+    steps = {}
+    for sign in ("paper", "negatives", "target"):
+        xx = x.clone().requires_grad_()
+        FilterLoss(1, 2, (3, 3), lambda_=1.0, schedule="constant", weight_norm="none", z_estimate="batch", negative_class=0,
+                   weight_sign=sign)(xx, labels).backward()
+        steps[sign] = -xx.grad  # the descent direction
+    assert steps["paper"][2, 0, 2, 2] > 0  # the paper's sign: the firing negative fires more
+    assert steps["negatives"][2, 0, 2, 2] < 0 and steps["target"][2, 0, 2, 2] < 0  # the variants silence it
+    torch.testing.assert_close(steps["negatives"][:2], steps["paper"][:2])  # positives as Eq. 4

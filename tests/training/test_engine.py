@@ -141,7 +141,7 @@ def test_non_finite_filter_loss_stops_loudly_and_keeps_checkpoint(tmp_path, monk
 
     def nan_in_epoch_2(self, x, labels):
         loss = real(self, x, labels)
-        return loss * float("nan") if int(self.epoch) == 2 else loss
+        return loss * float("nan") if int(self.stats.epoch) == 2 else loss
 
     monkeypatch.setattr(FilterLoss, "forward", nan_in_epoch_2)
     cfg = _cfg(tmp_path, epochs=3)

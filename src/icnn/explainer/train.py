@@ -246,7 +246,7 @@ class ExplainerLoss(nn.Module):
         s = self._store
         if not all(k in s for k in ("f1", "f2", "g1", "g2")):
             return
-        lam = self.lambda_f(int(self.filter_losses["interp1"].epoch.item()))
+        lam = self.lambda_f(int(self.filter_losses["interp1"].stats.epoch.item()))
         f1, f2 = s["f1"], s["f2"] * p  # dLoss_f/dx_f (x'_f = p x_f + ...)
         rec1 = s["g1"] - lam[0][None, :, None, None] * f1  # the gradient from the upper layers
         rec2 = s["g2"] - lam[1][None, :, None, None] * f2

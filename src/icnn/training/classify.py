@@ -350,7 +350,8 @@ def filter_categories(model: nn.Module, state: dict | None, layer: str = "new") 
     nets), else None (single-category: every filter's category is the target)."""
     from ..categories import assign_categories
 
-    st = {k.split(".", 2)[2]: v for k, v in ((state or {}).get("objective") or {}).items() if k.startswith(f"filter_losses.{layer}.")}
+    prefix = f"filter_losses.{layer}.stats."
+    st = {k[len(prefix):]: v for k, v in ((state or {}).get("objective") or {}).items() if k.startswith(prefix)}
     if not getattr(model, "interpretable", False) or not st or model.num_classes == 1:
         return None
     return assign_categories(st["class_sum"], st["class_count"], fixed=st["fixed_targets"])

@@ -1,0 +1,227 @@
+"""The training-time filter loss of one interpretable conv-layer (paper Eq. 1-4, SPEC §2).
+
+``loss = FilterLoss(...)(x, labels)`` for maps ``x (B, C, h, w)`` after ReLU (before the mask).
+Its *value* is the lambda-weighted ``-MI`` of Eq. 1 over the batch, summed over filters (a
+diagnostic); its *gradient* is that of one of three objectives (``mode``), each a short function
+below over the shared running statistics (``state.FilterStatistics``):
+
+* ``"paper"`` -- the approximate gradient of Eq. 4 with the leading minus of the Appendix::
+
+      dLoss_f/dx_ij = -p(T^) t^_ij p(x|T^) (log p(x|T^) - log p(x))                (Eq. 4)
+
+  ``T^ = T_mu^`` (at the map's argmax) on images of the filter's category, ``T-`` elsewhere,
+  ``Z_T`` a running estimate (a constant for the gradient), ``p(x)`` as footnote 3 (``q(x) = 1``)
+  or exact. Its weight has the sign of ``log p(x|T^) - log p(x)``: descent pulls a map towards
+  ``T^`` only where it already fits ``T^`` better than the typical map, and pushes it away
+  elsewhere -- a negative image that fires above the batch's typical level is pushed to fire
+  *more* (docs/filter_loss.md measures what that does: filters that collapse onto one detector
+  and fire harder on negatives than on their category). ``weight_sign``/``weight_mag``/``z_scope``
+  are the variants measured against it.
+* ``"posterior"`` -- ``-log p(T^|x)``, the cross-entropy of the template posterior
+  ``p(T|x) = p(T) p(x|T) / p(x)`` against the target template: the label-guided conditional
+  entropy ``H(T|X)`` of Eq. 1 (``-MI = H(T|X) - H(T)``). Gradient ``-(t^ - E_p(T|x) t)``: towards
+  ``T^`` always (a negative is always pushed towards silence), vanishing once the posterior is
+  confident.
+* ``"exact"`` -- autograd of Eq. 1 over the batch (label-free).
+
+``map_norm="batch"`` divides each filter's maps by their batch mean of ``max_ij x`` (with
+gradient), so the loss cannot be lowered by scaling activations; ``sharpness`` then replaces
+``tau`` as the template scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ..templates import DISTANCES, default_alpha, default_tau, part_templates, template_priors
+from .mi import decompose, neg_mi, template_scores
+from .state import SCHEDULES, Z_ESTIMATES, Z_SCOPES, FilterStatistics, all_reduce_logsumexp, all_reduce_mean, all_reduce_sum, dist_ready
+
+MODES = ("paper", "exact", "posterior")
+WEIGHT_NORMS = ("batch_mean", "none")
+P_X = ("footnote", "exact")
+MAP_NORMS = ("none", "batch")
+WEIGHT_SIGNS = ("paper", "target", "negatives")
+WEIGHT_MAGS = ("paper", "likelihood", "uniform")
+_LOG_WEIGHT_CAP = 80.0  # log of the largest Eq. 4 weight let through in float32 (exp(80) ~ 5.5e34)
+
+
+@dataclass
+class FilterLossConfig:
+    """How the filter loss is optimised (docs/filter_loss.md has the measurements behind each)."""
+
+    mode: str = "paper"  # paper: Eq. 4's approximate gradient; posterior: -log p(T^|x); exact: autograd of Eq. 1
+    lambda_: float = 0.01  # base weight; the schedule scales it
+    warmup_epochs: int = 0  # lambda = 0 for the first epochs; the schedule's t counts from here
+    schedule: str = "inverse_epoch"  # paper: lambda * mean max x / t; inverse_epoch: lambda / t; constant
+    z_estimate: str = "running"  # Z_T: running (EMA across batches) or batch
+    z_momentum: float = 0.9  # EMA momentum of the running Z_T
+    z_scope: str = "all"  # Z_T over all maps (paper), or category: T_mu over the filter's category, T- over the rest
+    weight_norm: str = "batch_mean"  # paper mode: Eq. 4 weights divided by their mean magnitude per filter in the batch, or none
+    p_x: str = "footnote"  # paper mode: p(x) by footnote 3 (q(x) = 1) or exact (per map)
+    weight_sign: str = "paper"  # paper mode: Eq. 4's sign; target: always towards T^; negatives: T- always towards silence
+    weight_mag: str = "paper"  # paper mode: |w| = p(T^) q(x|T^) |log q(x|T^) - log q(x)|; likelihood: p(T^) q(x|T^); uniform: 1
+    tau: float | None = None  # template scale (None: 0.5 / n^2)
+    beta: float = 4.0  # template slope
+    alpha: float | None = None  # prior of the positive templates (None: n^2 / (1 + n^2))
+    distance: str = "l1"  # l1 (paper) or l2 (round templates)
+    map_norm: str = "none"  # none: the paper's tr(x.T); batch: maps divided by their batch mean of max_ij x (scale-free)
+    sharpness: float = 1.0  # with map_norm=batch: templates are sharpness * shape (replaces tau)
+
+    def __post_init__(self):
+        choices = {"mode": MODES, "schedule": SCHEDULES, "weight_norm": WEIGHT_NORMS, "z_estimate": Z_ESTIMATES,
+                   "z_scope": Z_SCOPES, "p_x": P_X, "distance": DISTANCES, "map_norm": MAP_NORMS,
+                   "weight_sign": WEIGHT_SIGNS, "weight_mag": WEIGHT_MAGS}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.lambda_ < 0 or not math.isfinite(self.lambda_):
+            raise ValueError(f"filter loss lambda must be a finite number >= 0, got {self.lambda_}")
+        if not (self.sharpness > 0 and math.isfinite(self.sharpness)):
+            raise ValueError(f"filter loss sharpness must be a finite number > 0, got {self.sharpness}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"filter loss warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 <= self.z_momentum < 1.0:
+            raise ValueError(f"filter loss z_momentum must lie in [0, 1), got {self.z_momentum}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FilterLossConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown filter loss option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_templates(x: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    """Index of ``T^`` per map ``(B, C)``: the unit of ``mu^ = argmax_ij x`` on images of the filter's
+    category, ``h*w`` (``T-``) elsewhere. The choice carries no gradient."""
+    b, c, h, w = x.shape
+    unit = x.detach().reshape(b, c, h * w).argmax(-1)
+    return torch.where(is_target, unit, torch.full_like(unit, h * w))
+
+
+def paper_weights(scores, t_hat, log_z, log_prior, is_target, cfg: FilterLossConfig) -> torch.Tensor:
+    """Eq. 4's per-map weights ``w (B, C)`` (detached): ``dLoss/dx = w t^``."""
+    with torch.no_grad():
+        log_q_hat = scores.gather(-1, t_hat[..., None])[..., 0] - log_z.gather(-1, t_hat.t()).t()  # log q(x|T^)
+        log_q_x = torch.logsumexp(scores - log_z + log_prior, dim=-1) if cfg.p_x == "exact" else torch.zeros_like(log_q_hat)
+        ratio = log_q_hat - log_q_x
+        log_prior_hat = log_prior[t_hat]
+        log_mag = {"paper": log_prior_hat + log_q_hat + ratio.abs().clamp_min(1e-30).log(),
+                   "likelihood": log_prior_hat + log_q_hat, "uniform": torch.zeros_like(ratio)}[cfg.weight_mag]  # fmt: skip
+        sign = -torch.sign(ratio)  # w = -p(T^) q(x|T^) (log q(x|T^) - log q(x))
+        if cfg.weight_sign == "target":
+            sign = -torch.ones_like(sign)
+        elif cfg.weight_sign == "negatives":  # T- always pulls (activations down)
+            sign = torch.where(is_target, sign, -torch.ones_like(sign))
+        if cfg.weight_norm == "batch_mean":  # divide by mean_b |w| per filter, over the global batch
+            n = torch.tensor(float(scores.shape[0]), dtype=torch.float64, device=scores.device)
+            all_reduce_sum(n)
+            log_mag = log_mag - (all_reduce_logsumexp(torch.logsumexp(log_mag.double(), dim=0)) - n.log()).to(log_mag.dtype)
+        return sign * log_mag.clamp(max=_LOG_WEIGHT_CAP).exp()
+
+
+def posterior_nll(scores, t_hat, log_z, log_prior) -> torch.Tensor:
+    """``-log p(T^|x)`` per map ``(B, C)``, ``Z_T`` a constant; gradient ``-(t^ - E_p(T|x) t)``."""
+    log_joint = scores - log_z + log_prior  # (B, C, T)
+    return torch.logsumexp(log_joint, dim=-1) - log_joint.gather(-1, t_hat[..., None])[..., 0]
+
+
+class FilterLoss(nn.Module):
+    """Filter loss of one interpretable conv-layer, with its running statistics (module doc).
+
+    Args:
+        num_filters: ``C``.
+        num_classes: ``K`` (single-category: 2, with ``negative_class=0``).
+        map_size: ``(h, w)`` of the maps.
+        config: a :class:`FilterLossConfig` (keyword overrides apply on top).
+        negative_class: a class that is never a filter's target (single-category negatives).
+        target_classes: fix each filter's category instead of assigning it online.
+    """
+
+    def __init__(self, num_filters: int, num_classes: int, map_size: tuple[int, int], config: FilterLossConfig | None = None, *,
+                 negative_class: int | None = None, target_classes: torch.Tensor | int | None = None, **overrides):  # fmt: skip
+        super().__init__()
+        cfg = config or FilterLossConfig()
+        self.config = cfg = FilterLossConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
+        h, w = map_size
+        self.num_filters, self.num_classes, self.map_size = int(num_filters), int(num_classes), (int(h), int(w))
+        self.negative_class = negative_class
+        tau = float(cfg.sharpness) if cfg.map_norm == "batch" else (default_tau(h, w) if cfg.tau is None else float(cfg.tau))
+        self.tau = tau
+        alpha = default_alpha(h, w) if cfg.alpha is None else float(cfg.alpha)
+        # derived from the config, not state: not saved
+        self.register_buffer("templates", part_templates(h, w, tau=tau, beta=cfg.beta, distance=cfg.distance), persistent=False)
+        self.register_buffer("log_prior", template_priors(h, w, alpha=alpha).log().float(), persistent=False)
+        self.stats = FilterStatistics(num_filters, h * w + 1, num_classes, negative_class=negative_class, target_classes=target_classes)
+        self._diag: dict[str, float] = {}
+
+    def start_epoch(self, epoch: int) -> None:
+        """Begin epoch ``epoch`` (1-based): lambda's schedule, this epoch's statistics."""
+        self.stats.start_epoch(epoch)
+
+    def targets(self) -> torch.Tensor:
+        """Each filter's category ``(C,)``."""
+        return self.stats.targets()
+
+    def lambdas(self) -> torch.Tensor:
+        """Per-filter weight ``lambda_f`` ``(C,)`` of the current epoch."""
+        return self.stats.lambdas(self.config.lambda_, self.config.schedule, self.config.warmup_epochs)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Last step's: lambda, neg_mi, inter/spatial entropy, silent fraction, mean max, ..."""
+        return dict(self._diag)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.num_filters, *self.map_size):
+            raise ValueError(f"filter loss expects maps (B, {self.num_filters}, {self.map_size[0]}, {self.map_size[1]}), got {tuple(x.shape)}")
+        labels = labels.reshape(-1).long()
+        if not bool(torch.isfinite(x).all()):  # never fold a bad batch into the running state
+            return (x.float().sum() * float("nan")).reshape(())
+        cfg = self.config
+        xf = x.float()
+        if cfg.map_norm == "batch":  # like a norm layer: with gradient, the same scale on every process
+            scale = xf.amax(dim=(-2, -1)).mean(0)  # (C,)
+            if dist_ready():
+                scale = scale + (all_reduce_mean(scale.detach()) - scale.detach())
+            xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
+        with torch.set_grad_enabled(cfg.mode != "paper" and torch.is_grad_enabled()):
+            scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
+        self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope, momentum=cfg.z_momentum)
+        lam = self.lambdas().to(xf.dtype)  # (C,)
+        with torch.no_grad():
+            terms = decompose(scores.detach(), self.log_prior)
+        value = (lam * terms["neg_mi"]).sum()
+        is_target = labels[:, None] == self.targets()[None, :]  # (B, C): image of the filter's category
+        t_hat = target_templates(xf, is_target)
+        log_z = self.stats.log_z.to(xf.dtype)
+        weights = None
+        if cfg.mode == "exact":
+            return self._record((lam * neg_mi(scores, self.log_prior)).sum(), terms, lam, None)
+        if cfg.mode == "posterior":
+            surrogate = posterior_nll(scores, t_hat, log_z, self.log_prior).mean(0)  # (C,)
+        else:
+            weights = paper_weights(scores.detach(), t_hat, log_z, self.log_prior, is_target, cfg)  # (B, C)
+            b, c, h, w = xf.shape
+            tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
+            surrogate = (weights * tr_hat).sum(0) / b
+        loss = (lam * surrogate).sum()
+        return self._record(loss - loss.detach() + value, terms, lam, weights)  # value: lambda * -MI; gradient: the mode's
+
+    @torch.no_grad()
+    def _record(self, loss: torch.Tensor, terms: dict, lam: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        self._diag = {
+            "lambda": float(lam.mean()), "neg_mi": float(terms["neg_mi"].mean()),
+            "inter_entropy": float(terms["inter_entropy"].mean()), "spatial_entropy": float(terms["spatial_entropy"].mean()),
+            "silent_fraction": float(1.0 - self.stats.active.double().mean()), "mean_max": float(self.stats.mean_max().mean()),
+        }  # fmt: skip
+        if weights is not None:
+            self._diag["weight_abs_mean"] = float(weights.abs().mean())
+        return loss
