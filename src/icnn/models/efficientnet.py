@@ -31,7 +31,7 @@ def timm_efficientnet_lite(variant: int) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise ModelError(f"efficientnet_lite{variant} needs timm: pip install icnn[pretrained]") from None
+        raise ModelError(f"efficientnet_lite{variant} needs timm (a dependency of icnn: pip install icnn)") from None
     return timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
 
 

