@@ -315,3 +315,34 @@ def test_weight_sign_variants_of_eq4():
     assert steps["paper"][2, 0, 2, 2] > 0  # the paper's sign: the firing negative fires more
     assert steps["negatives"][2, 0, 2, 2] < 0 and steps["target"][2, 0, 2, 2] < 0  # the variants silence it
     torch.testing.assert_close(steps["negatives"][:2], steps["paper"][:2])  # positives as Eq. 4
+
+
+def test_position_collision_counts_filters_that_share_a_position():
+    from icnn.loss.filter_loss import position_collision
+
+    # 4 filters, 2x2 maps: decisive posteriors (large scores) all at unit 0, or one unit each
+    same, spread = torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)
+    same[0, :, 0] = 50.0
+    spread[0, torch.arange(4), torch.arange(4)] = 50.0
+    zeros, prior = torch.zeros(4, 5), torch.zeros(5)
+    target = torch.ones(1, 4, dtype=torch.bool)
+    assert float(position_collision(same, zeros, prior, target)) == pytest.approx(4.0)  # U: all at one unit
+    assert float(position_collision(spread, zeros, prior, target)) == pytest.approx(1.0)  # even spread
+    # only the filters of the image's category count; an image with none drops out
+    mixed = torch.cat([same, spread])
+    target2 = torch.tensor([[True] * 4, [False] * 4])
+    assert float(position_collision(mixed, zeros, prior, target2)) == pytest.approx(4.0)
+
+
+def test_diversity_pushes_filters_at_one_position_apart():
+    x = torch.zeros(2, 2, 3, 3)
+    x[:, :, 1, 1] = 4.0  # both filters peak at the centre of both (positive) images
+    x[:, 1, 0, 0] = 3.0  # filter 1 also has a weaker peak in the corner
+    grads = {}
+    for div in (0.0, 1.0):
+        xx = x.clone().requires_grad_()
+        fl = FilterLoss(2, 2, (3, 3), mode="posterior", lambda_=1e-9, schedule="constant", z_estimate="batch", negative_class=0, diversity=div)
+        fl(xx, torch.tensor([1, 1])).backward()
+        grads[div] = -xx.grad
+    assert grads[1.0][:, :, 1, 1].sum() < grads[0.0][:, :, 1, 1].sum()  # the shared peak is lowered ...
+    assert torch.isfinite(grads[1.0]).all()

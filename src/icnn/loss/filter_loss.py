@@ -24,6 +24,12 @@ below over the shared running statistics (``state.FilterStatistics``):
   confident.
 * ``"exact"`` -- autograd of Eq. 1 over the batch (label-free).
 
+``diversity`` adds the filters' competition for positions (:func:`position_collision`): nothing
+in Eq. 1 is shared between filters, so every filter of a dense layer can become the same detector
+(docs/filter_loss.md measures it); the collision of their posteriors over positions, per image,
+keeps them at different parts. Its weight is per filter (``diversity * C * collision``) and not
+scheduled by lambda.
+
 ``map_norm="batch"`` divides each filter's maps by their batch mean of ``max_ij x`` (with
 gradient), so the loss cannot be lowered by scaling activations; ``sharpness`` then replaces
 ``tau`` as the template scale.
@@ -71,6 +77,7 @@ class FilterLossConfig:
     distance: str = "l1"  # l1 (paper) or l2 (round templates)
     map_norm: str = "none"  # none: the paper's tr(x.T); batch: maps divided by their batch mean of max_ij x (scale-free)
     sharpness: float = 1.0  # with map_norm=batch: templates are sharpness * shape (replaces tau)
+    diversity: float = 0.0  # weight of the filters' competition for positions (collision of their posteriors; 0: the paper)
 
     def __post_init__(self):
         choices = {"mode": MODES, "schedule": SCHEDULES, "weight_norm": WEIGHT_NORMS, "z_estimate": Z_ESTIMATES,
@@ -79,8 +86,10 @@ class FilterLossConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.lambda_ < 0 or not math.isfinite(self.lambda_):
-            raise ValueError(f"filter loss lambda must be a finite number >= 0, got {self.lambda_}")
+        for name in ("lambda_", "diversity"):
+            v = getattr(self, name)
+            if v < 0 or not math.isfinite(v):
+                raise ValueError(f"filter loss {name.rstrip('_')} must be a finite number >= 0, got {v}")
         if not (self.sharpness > 0 and math.isfinite(self.sharpness)):
             raise ValueError(f"filter loss sharpness must be a finite number > 0, got {self.sharpness}")
         if self.warmup_epochs < 0:
@@ -126,6 +135,25 @@ def paper_weights(scores, t_hat, log_z, log_prior, is_target, cfg: FilterLossCon
             all_reduce_sum(n)
             log_mag = log_mag - (all_reduce_logsumexp(torch.logsumexp(log_mag.double(), dim=0)) - n.log()).to(log_mag.dtype)
         return sign * log_mag.clamp(max=_LOG_WEIGHT_CAP).exp()
+
+
+def position_collision(scores, log_z, log_prior, is_target) -> torch.Tensor:
+    """How much a layer's filters pile onto the same positions, per image of their category.
+
+    With ``p_f(u) = p(T_u | x_f)`` the posterior of filter ``f``'s map over the part templates
+    (positions ``u``; the rest of its mass is on ``T-``) and ``P(u)`` its mean over the filters of
+    the image's category, the collision is ``U sum_u P(u)^2``: 1 when the filters' parts spread
+    evenly over the ``U`` positions, ``U`` when every filter puts its part at the same unit, less
+    where filters are silent (their mass sits on ``T-``). Averaged over the images with at least
+    one such filter; differentiable through the scores (``Z_T`` constant).
+    """
+    log_post = torch.log_softmax(scores - log_z + log_prior, dim=-1)[..., :-1]  # (B, C, U)
+    w = is_target.to(log_post.dtype)  # (B, C): the filters of this image's category
+    count = w.sum(1)  # (B,)
+    p = (log_post.exp() * w[..., None]).sum(1) / count.clamp_min(1)[:, None]  # (B, U)
+    per_image = p.shape[-1] * p.pow(2).sum(-1)
+    ok = count > 0
+    return per_image[ok].mean() if bool(ok.any()) else scores.sum() * 0
 
 
 def posterior_nll(scores, t_hat, log_z, log_prior) -> torch.Tensor:
@@ -192,7 +220,7 @@ class FilterLoss(nn.Module):
             if dist_ready():
                 scale = scale + (all_reduce_mean(scale.detach()) - scale.detach())
             xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
-        with torch.set_grad_enabled(cfg.mode != "paper" and torch.is_grad_enabled()):
+        with torch.set_grad_enabled((cfg.mode != "paper" or cfg.diversity > 0) and torch.is_grad_enabled()):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
         self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope, momentum=cfg.z_momentum)
         lam = self.lambdas().to(xf.dtype)  # (C,)
@@ -213,6 +241,10 @@ class FilterLoss(nn.Module):
             tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
             surrogate = (weights * tr_hat).sum(0) / b
         loss = (lam * surrogate).sum()
+        if cfg.diversity > 0 and bool((lam > 0).any()):  # the layer's filters compete for positions
+            collision = position_collision(scores, log_z, self.log_prior, is_target)
+            self._collision = float(collision.detach())
+            loss = loss + cfg.diversity * self.num_filters * collision
         return self._record(loss - loss.detach() + value, terms, lam, weights)  # value: lambda * -MI; gradient: the mode's
 
     @torch.no_grad()
@@ -224,4 +256,6 @@ class FilterLoss(nn.Module):
         }  # fmt: skip
         if weights is not None:
             self._diag["weight_abs_mean"] = float(weights.abs().mean())
+        if self.config.diversity > 0:
+            self._diag["collision"] = getattr(self, "_collision", float("nan"))
         return loss
