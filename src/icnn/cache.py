@@ -135,15 +135,16 @@ class StemCache:
         keys: list[list[str]] = []
         loader = DataLoader(base, batch_size=self.batch_size, shuffle=False, collate_fn=list)
         try:
-            for batch in progress(loader, enabled=self.progress, total=len(loader), desc=desc):
-                views = [[s] + ([hflip_sample(s, lperm, pperm)] if flips else []) for s in batch]
-                flat = [v for vs in views for v in vs]
-                ks = [image_key(v["image"]) for v in flat]
-                self._fill([v["image"] for v in flat], ks)
-                it = iter(ks)
-                for vs in views:
-                    keys.append([next(it) for _ in vs])
-                    notes.append([_annotations(v) for v in vs])
+            with torch.random.fork_rng():  # filling the cache draws no number a run would see
+                for batch in progress(loader, enabled=self.progress, total=len(loader), desc=desc):
+                    views = [[s] + ([hflip_sample(s, lperm, pperm)] if flips else []) for s in batch]
+                    flat = [v for vs in views for v in vs]
+                    ks = [image_key(v["image"]) for v in flat]
+                    self._fill([v["image"] for v in flat], ks)
+                    it = iter(ks)
+                    for vs in views:
+                        keys.append([next(it) for _ in vs])
+                        notes.append([_annotations(v) for v in vs])
         finally:
             self.stem.train(was)
         return CachedDataset(base, self, keys, notes, flips)

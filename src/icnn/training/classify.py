@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, model: nn.Modul
     seed_everything(cfg.seed)  # same on every process: identical initial weights
     from ..data import augments_by_flipping
 
-    flips = cfg.augment and augments_by_flipping(cfg.dataset)
+    flips = cfg.augment and (augments_by_flipping(cfg.dataset) or train_set is not None)  # a given dataset: augment means flip
     if train_set is None:
         train_set = build_dataset_for(cfg, cfg.train_split, augment=flips and not cfg.freeze_stem)
         if cfg.eval_split:
