@@ -346,3 +346,18 @@ def test_diversity_pushes_filters_at_one_position_apart():
         grads[div] = -xx.grad
     assert grads[1.0][:, :, 1, 1].sum() < grads[0.0][:, :, 1, 1].sum()  # the shared peak is lowered ...
     assert torch.isfinite(grads[1.0]).all()
+
+
+def test_peak_decorrelation_is_one_for_copies_and_zero_for_independent_filters():
+    from icnn.loss.filter_loss import peak_decorrelation
+
+    g = torch.Generator().manual_seed(10)
+    peaks = torch.rand(50, 1, generator=g)
+    copies = peaks.expand(50, 3)[..., None, None] * torch.ones(1, 1, 2, 2)  # three filters, the same responses
+    labels, targets = torch.ones(50, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    assert float(peak_decorrelation(copies, labels, targets)) == pytest.approx(1.0, abs=0.02)  # (the std has an epsilon)
+    independent = torch.rand(2000, 3, 1, 1, generator=g)
+    assert float(peak_decorrelation(independent, torch.ones(2000, dtype=torch.long), targets)) < 0.01
+    # only the category's images and filters: the negatives' responses do not count
+    mixed = torch.cat([copies, torch.rand(50, 3, 2, 2, generator=g)])
+    assert float(peak_decorrelation(mixed, torch.cat([labels, torch.zeros(50, dtype=torch.long)]), targets)) == pytest.approx(1.0, abs=0.02)

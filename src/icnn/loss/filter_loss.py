@@ -27,8 +27,9 @@ below over the shared running statistics (``state.FilterStatistics``):
 ``diversity`` adds the filters' competition for positions (:func:`position_collision`): nothing
 in Eq. 1 is shared between filters, so every filter of a dense layer can become the same detector
 (docs/filter_loss.md measures it); the collision of their posteriors over positions, per image,
-keeps them at different parts. Its weight is per filter (``diversity * C * collision``) and not
-scheduled by lambda.
+keeps them at different parts, and ``decorrelation`` (:func:`peak_decorrelation`) keeps their
+responses from being copies of each other (redundancy reduction). Their weights are per filter
+(``diversity * C * collision``) and not scheduled by lambda.
 
 ``map_norm="batch"`` divides each filter's maps by their batch mean of ``max_ij x`` (with
 gradient), so the loss cannot be lowered by scaling activations; ``sharpness`` then replaces
@@ -78,6 +79,7 @@ class FilterLossConfig:
     map_norm: str = "none"  # none: the paper's tr(x.T); batch: maps divided by their batch mean of max_ij x (scale-free)
     sharpness: float = 1.0  # with map_norm=batch: templates are sharpness * shape (replaces tau)
     diversity: float = 0.0  # weight of the filters' competition for positions (collision of their posteriors; 0: the paper)
+    decorrelation: float = 0.0  # weight of the decorrelation of the filters' peak responses over their category's images (0: the paper)
 
     def __post_init__(self):
         choices = {"mode": MODES, "schedule": SCHEDULES, "weight_norm": WEIGHT_NORMS, "z_estimate": Z_ESTIMATES,
@@ -86,7 +88,7 @@ class FilterLossConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("lambda_", "diversity"):
+        for name in ("lambda_", "diversity", "decorrelation"):
             v = getattr(self, name)
             if v < 0 or not math.isfinite(v):
                 raise ValueError(f"filter loss {name.rstrip('_')} must be a finite number >= 0, got {v}")
@@ -154,6 +156,23 @@ def position_collision(scores, log_z, log_prior, is_target) -> torch.Tensor:
     per_image = p.shape[-1] * p.pow(2).sum(-1)
     ok = count > 0
     return per_image[ok].mean() if bool(ok.any()) else scores.sum() * 0
+
+
+def peak_decorrelation(x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Redundancy of a layer's filters: the mean squared correlation, between two filters of one
+    category, of their peak responses ``max_ij x`` over that category's images in the batch
+    (0: no filter's response predicts another's; 1: copies). Differentiable; categories with
+    fewer than 3 images or 2 filters in the batch drop out."""
+    terms = []
+    for c in targets.unique().tolist():
+        s = x[labels == c][:, targets == c].flatten(2).amax(-1)  # (n, F) peak responses
+        n, f = s.shape
+        if n < 3 or f < 2:
+            continue
+        z = (s - s.mean(0)) / (s.std(0) + 1e-3)
+        corr = z.t() @ z / (n - 1)  # (F, F)
+        terms.append((corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (f * (f - 1)))
+    return torch.stack(terms).mean() if terms else x.sum() * 0
 
 
 def posterior_nll(scores, t_hat, log_z, log_prior) -> torch.Tensor:
@@ -245,6 +264,10 @@ class FilterLoss(nn.Module):
             collision = position_collision(scores, log_z, self.log_prior, is_target)
             self._collision = float(collision.detach())
             loss = loss + cfg.diversity * self.num_filters * collision
+        if cfg.decorrelation > 0 and bool((lam > 0).any()):  # ... and carry different information
+            redundancy = peak_decorrelation(xf, labels, self.targets())
+            self._redundancy = float(redundancy.detach())
+            loss = loss + cfg.decorrelation * self.num_filters * redundancy
         return self._record(loss - loss.detach() + value, terms, lam, weights)  # value: lambda * -MI; gradient: the mode's
 
     @torch.no_grad()
@@ -258,4 +281,6 @@ class FilterLoss(nn.Module):
             self._diag["weight_abs_mean"] = float(weights.abs().mean())
         if self.config.diversity > 0:
             self._diag["collision"] = getattr(self, "_collision", float("nan"))
+        if self.config.decorrelation > 0:
+            self._diag["redundancy"] = getattr(self, "_redundancy", float("nan"))
         return loss
