@@ -23,6 +23,7 @@ numbers up to float round-off, as training on the images.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -73,18 +74,29 @@ class _Store:
         feats = feats.detach().float().cpu().contiguous()
         if self.shape is None:
             self.shape = tuple(feats.shape[1:])
-        for k in keys:
-            self.rows[k] = len(self.rows)
         if self.root is None:
+            for k in keys:
+                self.rows[k] = len(self.rows)
             self._mem.extend(feats.unbind(0))
             return
-        with open(self.root / "features.f32", "ab") as f:
-            f.write(feats.numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp = self.root / f".index.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"rows": self.rows, "shape": list(self.shape)}))
-        os.replace(tmp, self.root / "index.json")  # the index never names rows not yet written
+        # other processes may share the directory (two runs on one --cache-dir): under an exclusive
+        # lock, rows go at the file's end and the index is re-read and merged before it is replaced
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self.root / "index.json"
+            if index.exists():
+                self.rows.update(json.loads(index.read_text())["rows"])
+            start = max(self.rows.values(), default=-1) + 1  # rows past the index: a killed writer's, dropped
+            with open(self.root / "features.f32", "ab") as f:
+                f.truncate(start * 4 * int(np.prod(self.shape)))
+                f.write(feats.numpy().tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            for i, k in enumerate(keys):
+                self.rows[k] = start + i
+            tmp = self.root / f".index.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"rows": self.rows, "shape": list(self.shape)}))
+            os.replace(tmp, index)  # the index never names rows not yet written
 
     def nbytes(self) -> int:
         return len(self.rows) * int(np.prod(self.shape or (0,))) * 4

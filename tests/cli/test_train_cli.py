@@ -109,6 +109,10 @@ def test_config_precedence_defaults_file_flags(tmp_path):
     cfg, _ = train_cli.build_config(_parse(["--config", str(yaml), "--ordinary", "--dataset-option", "category=stag", "--eval-split", "none"]))
     assert (cfg.epochs, cfg.interpretable, cfg.eval_split) == (5, False, None)
     assert cfg.dataset_kwargs == {"num_samples": 40, "category": "stag"}
+    # several KEY=VALUE after one flag, and the flag repeated, merge key by key
+    cfg, _ = train_cli.build_config(_parse(["--filter-loss", "mode=posterior", "diversity=0.5", "--filter-loss", "mode=exact",
+                                            "--out", str(tmp_path / "o2")]))
+    assert cfg.filter_loss == {"mode": "exact", "diversity": 0.5}
 
 
 def test_train_then_resume_end_to_end(tiny, capsys, tmp_path):

@@ -46,6 +46,27 @@ def test_a_second_pass_computes_nothing_and_another_stem_is_not_served(tmp_path)
     assert again.computed == 1
 
 
+def test_two_runs_sharing_a_cache_dir_each_read_their_own_features(tmp_path):
+    """Two processes on one --cache-dir append rows under a lock and merge the index: each reads the
+    stem's outputs for its own images (not the other's rows), and a killed writer's partial row
+    (bytes past the index) is dropped, not read as the next image's features."""
+    model = tiny_net().eval()
+    a_data, b_data = TinyParts(3), TinyParts(5, seed=7)
+    a = StemCache(_stem(model), cache_dir=tmp_path, progress=False)
+    b = StemCache(_stem(model), cache_dir=tmp_path, progress=False)  # opened before a wrote anything
+    a_set = a.dataset(a_data)
+    with open(a.store.root / "features.f32", "ab") as f:
+        f.write(b"\0" * 10)  # a writer killed mid-row
+    b_set = b.dataset(b_data)
+    for cache, data, cached in ((a, a_data, a_set), (b, b_data, b_set)):
+        for i in range(len(data)):
+            want = _stem(model)(data[i]["image"][None])[0]
+            torch.testing.assert_close(cache.store.get([cached.keys[i][0]])[0], want, rtol=1e-5, atol=1e-6)
+    later = StemCache(_stem(model), cache_dir=tmp_path, progress=False)
+    later.dataset(a_data), later.dataset(b_data)
+    assert later.computed == 0 and len(later.store.rows) == 8
+
+
 def test_training_on_the_cache_equals_training_on_the_images(tmp_path):
     base = TrainConfig(arch="tiny", image_size=16, epochs=2, batch_size=4, lr=0.05, seed=3, device="cpu", progress=False,
                        log_every=0, eval_split=None, freeze_stem=True, filter_loss={"lambda_": 0.1})  # fmt: skip

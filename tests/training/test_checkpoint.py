@@ -136,3 +136,19 @@ def test_head_norm_travels_through_the_config_to_a_loaded_model(tmp_path):
     assert TrainConfig.from_dict(old).head_norm is False
     with pytest.raises(ConfigError, match="head_norm"):
         TrainConfig.from_dict({"head_norm": "yes"})
+
+
+def test_resume_conflicts_name_what_a_run_computes():
+    """A resumed run may change how it runs (epochs, device), not what it computes (lr, lambda);
+    an ordinary twin computes nothing with the filter loss or the masks."""
+    from icnn.training import TrainConfig
+
+    saved = TrainConfig(interpretable=True, filter_loss={"lambda_": 0.6}).to_dict()
+    now = TrainConfig(interpretable=True, filter_loss={"lambda_": 0.3}, epochs=9, lr=0.5)
+    assert now.resume_conflicts(saved) == {"lr": (0.01, 0.5), "filter_loss": ({"lambda_": 0.6}, {"lambda_": 0.3})}
+    saved = TrainConfig(interpretable=False, filter_loss={"lambda_": 0.6}).to_dict()
+    now = TrainConfig(interpretable=False, filter_loss={"diversity": 1.0}, mask={"beta": "adaptive"}, epochs=9)
+    assert now.resume_conflicts(saved) == {}
+    # an interpretable run may not resume an ordinary one
+    conflicts = TrainConfig(interpretable=True, filter_loss={"lambda_": 0.6}).resume_conflicts(saved)
+    assert conflicts == {"interpretable": (False, True)}

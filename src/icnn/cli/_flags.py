@@ -6,7 +6,7 @@ the annotation and the class's ``CHOICES``:
 
 - ``bool``: ``--x`` / ``--no-x``;
 - ``str | None``, ``float | None``: the word ``none`` gives None;
-- ``dict`` (``filter_loss``, ``mask``, ``dataset_kwargs``): ``KEY=VALUE``, repeatable (values are
+- ``dict`` (``filter_loss``, ``mask``, ``dataset_kwargs``): one or more ``KEY=VALUE``, the flag repeatable (values are
   JSON when they parse, else strings), merged key by key over the config file's table;
 - ``list[str]``: comma-separated.
 
@@ -56,8 +56,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip=(), only=None
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("dict"):
-            kw.update(action="append", metavar="KEY=VALUE")
-            kw["help"] += f"; repeatable, e.g. {flag_of(f.name)} {EXAMPLES.get(f.name, 'key=value')}"
+            kw.update(action="extend", nargs="+", metavar="KEY=VALUE")
+            kw["help"] += f"; one or more, the flag repeatable, e.g. {flag_of(f.name)} {EXAMPLES.get(f.name, 'key=value')}"
         else:
             kw["metavar"] = "X" if "float" in kind else ("N" if "int" in kind else f.name.split("_")[-1].upper())
             if f.name in cls.CHOICES:

@@ -234,3 +234,12 @@ class TrainConfig(RunConfig):
                 reason = str(exc).splitlines()[0]
                 raise ConfigError(f"mask: {reason}", field="mask", reason=reason) from None
         return self
+
+    def resume_conflicts(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """As :meth:`Config.resume_conflicts`; an ordinary twin computes nothing with the filter loss
+        or the masks, so their settings may change (a compare resumed with another recipe keeps it)."""
+        conflicts = super().resume_conflicts(saved)
+        if not self.interpretable and not saved.get("interpretable", True):
+            for name in ("filter_loss", "mask", "mask_warmup_epochs"):
+                conflicts.pop(name, None)
+        return conflicts
