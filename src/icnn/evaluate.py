@@ -233,11 +233,12 @@ class MetricSuite:
         art: dict = {"density": self.density.numpy(), "top_images": self.top_index.tolist(), "top_scores": self.top_score.tolist(),
                      "top_maps": self.top_maps}  # fmt: skip
         if self.part_names:
-            pres, dres = _region_pass(self.cache.batches(cfg.batch_size), thresholds, self.part_names, self.nc, mode=cfg.rf_mode,
-                                     centers=self.geometry, iou_threshold=cfg.iou_threshold,
-                                     dissection_threshold=cfg.dissection_threshold, categories=categories,
-                                     progress=cfg.progress)  # fmt: skip
+            pres, dres, pref = _region_pass(self.cache.batches(cfg.batch_size), thresholds, self.part_names, self.nc,
+                                           mode=cfg.rf_mode, centers=self.geometry, iou_threshold=cfg.iou_threshold,
+                                           dissection_threshold=cfg.dissection_threshold, categories=categories,
+                                           progress=cfg.progress, seed=cfg.seed)  # fmt: skip
             m["part_interpretability"] = pres.score
+            m["part_interpretability_references"] = pref
             m["part_names"] = list(self.part_names)
             m["part_interpretability_per_part"] = dict(zip(self.part_names, torch.nanmean(pres.per_filter_part, 0).tolist()))
             m["dissection"] = dres.summary()
@@ -250,18 +251,44 @@ class MetricSuite:
         return EvalResult(metrics=m, per_filter=per_filter, artifacts=art)
 
 
-def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_threshold, dissection_threshold, categories, progress):
-    """Part interpretability and Network Dissection over the cached maps: one pass over the regions."""
+def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_threshold, dissection_threshold, categories,
+                 progress, seed=0):  # fmt: skip
+    """Part interpretability and Network Dissection over the cached maps: one pass over the regions.
+
+    Beside the filters, the same pass scores the references of part interpretability, as for
+    location instability: ``1 + h*w`` pseudo-filters whose map is one at a single unit (a random
+    unit per image; each fixed unit), their regions made by the same rule. ``random_unit`` is the
+    first's figure on each filter's category, ``best_fixed_unit`` the best fixed unit's, both
+    averaged over the evaluated filters as the score is.
+    """
     from .metrics.dissection import NetworkDissection
     from .metrics.part_iou import PartInterpretability
 
     piou = PartInterpretability(thresholds, part_names, nc, mode=mode, centers=centers, iou_threshold=iou_threshold)
     dis = NetworkDissection(thresholds, part_names, mode=mode, centers=centers, iou_threshold=dissection_threshold)
+    ref = None
+    g = torch.Generator().manual_seed(seed)
     for maps, masks, labels in _progress(batches, progress, None, "part regions"):
         overlaps = piou.overlaps(maps, masks)
         piou.update(maps, masks, labels, overlaps=overlaps)
         dis.update(maps, masks, overlaps=overlaps)
-    return piou.compute(categories=categories), dis.compute()
+        b, _, h, w = maps.shape
+        if ref is None:
+            ref = PartInterpretability(torch.full((1 + h * w,), 0.5), part_names, nc, mode=mode, centers=centers,
+                                       iou_threshold=iou_threshold)  # fmt: skip
+        units = torch.cat((torch.randint(h * w, (b, 1), generator=g), torch.arange(h * w).expand(b, -1)), 1)  # (B, 1+hw)
+        pseudo = torch.nn.functional.one_hot(units, h * w).to(maps.dtype).reshape(b, 1 + h * w, h, w)
+        ref.update(pseudo, masks, labels)
+    pres = piou.compute(categories=categories)
+    every_class = ref.compute(categories=torch.zeros(len(ref.thresholds), dtype=torch.long)).per_filter_class_part
+    per_class = torch.nan_to_num(every_class, nan=-1.0).amax(-1)  # (1+hw, NC): the best part, on each class
+    evaluated = ~torch.isnan(pres.per_filter)
+    cat = pres.category[evaluated]
+    refs = {}
+    for name, values in (("random_unit", per_class[0]), ("best_fixed_unit", per_class[1:].amax(0))):
+        v = values.double()[cat]
+        refs[name] = float(v[v >= 0].mean()) if bool((v >= 0).any()) else float("nan")
+    return pres, dis.compute(), refs
 
 
 def _progress(iterable, enabled: bool, total: int | None, desc: str):

@@ -327,3 +327,29 @@ def test_geometry_object_and_rf_radius():
     assert torch.equal(got, filter_regions(hand_map(), thr, (16, 16), mode="rf", centers=ctr, radius=1.0))
     with pytest.raises(MetricError, match="radius='rf' needs a geometry"):
         resolve_radius("rf", ctr, 4, 4, (16, 16))
+
+
+def test_part_interpretability_references_score_one_unit_regions_by_the_same_rule():
+    """The references of part interpretability (evaluate's region pass): a pseudo-filter firing at
+    one random unit per image, and the best fixed unit. On 2x2 maps of 8x8 images whose part is
+    the top-left quadrant, the unit (0, 0) region is the part: a filter always firing there scores
+    1, as the best fixed unit does; the random unit scores the share of images whose draw was (0, 0)."""
+    from icnn.evaluate import _region_pass
+
+    n, seed = 24, 3
+    masks = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
+    masks[:, 0, :4, :4] = True
+    maps = torch.zeros(n, 2, 2, 2)
+    maps[:, 0, 0, 0] = 1.0  # filter 0: always at the part's unit
+    maps[:, 1, 1, 1] = 1.0  # filter 1: always at the opposite unit
+    labels = torch.zeros(n, dtype=torch.long)
+    batches = [(maps[i:i + 8], masks[i:i + 8], labels[i:i + 8]) for i in range(0, n, 8)]
+    pres, _, refs = _region_pass(batches, torch.full((2,), 0.5), ["part"], 1, mode="upsample", centers=None,
+                                 iou_threshold=0.2, dissection_threshold=0.04, categories=torch.zeros(2, dtype=torch.long),
+                                 progress=False, seed=seed)  # fmt: skip
+    assert pres.per_filter.tolist() == [1.0, 0.0]
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.cat([torch.randint(4, (8, 1), generator=g)[:, 0] for _ in range(3)])
+    assert refs["best_fixed_unit"] == 1.0
+    assert refs["random_unit"] == pytest.approx(float((draws == 0).double().mean()))
+    assert 0 < refs["random_unit"] < 1

@@ -115,7 +115,9 @@ def summary_line(name: str, m: dict) -> str:
         parts.append(f"peak correlation {col['peak_correlation']:.2f}, share at the commonest unit {col['mode_share']:.2f}, "
                      f"higher on their category {col['higher_on_category']:.2f}")  # fmt: skip
     if "part_interpretability" in m:
-        parts.append(f"part interpretability {m['part_interpretability']:.4f}")
+        r = m.get("part_interpretability_references") or {}
+        refs = f" (random unit {r['random_unit']:.4f}, best fixed unit {r['best_fixed_unit']:.4f})" if r else ""
+        parts.append(f"part interpretability {m['part_interpretability']:.4f}{refs}")
     return ", ".join(parts)
 
 

@@ -94,6 +94,8 @@ def run_sections(name: str, model, dataset, result, *, layer: str = "new", panel
                                 "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
     for k, v in m.get("instability_references", {}).items():
         rows.append([f"instability reference: {k}", v])
+    for k, v in m.get("part_interpretability_references", {}).items():
+        rows.append([f"part interpretability reference: {k}", v])
     per_ref = m.get("instability_references_per_landmark", {})
     for k, v in m.get("instability_per_landmark", {}).items():
         refs = [f"{r.replace('_', ' ')} {per_ref[r][k]:.4f}" for r in ("random_unit", "best_fixed_unit") if k in per_ref.get(r, {})]
@@ -127,7 +129,9 @@ def _bars(runs: dict[str, dict]) -> list[Figure]:
     refs = first.get("instability_references", {})
     references = {"random unit": refs.get("random_unit"), "best fixed unit": refs.get("best_fixed_unit")}
     references = {k: v for k, v in references.items() if v is not None}
-    for metric, refs_ in (("location_instability", references), ("part_interpretability", None), ("accuracy", None)):
+    prefs = first.get("part_interpretability_references", {})
+    part_refs = {k.replace("_", " "): v for k, v in prefs.items() if v == v} or None
+    for metric, refs_ in (("location_instability", references), ("part_interpretability", part_refs), ("accuracy", None)):
         if any(metric in r for r in runs.values()):
             out.append(Figure(figures.metric_bars(runs, metric, references=refs_), metric.replace("_", " ")))
     if any("instability_per_landmark" in r for r in runs.values()):
