@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "tree", "visualize", "layers")
+SUBCOMMANDS = ("train", "evaluate", "compare", "explain", "tree", "graph", "visualize", "layers")
 
 
 class UsageError(ValueError):
