@@ -22,13 +22,14 @@ import torch
 
 
 def build(args, interpretable: bool):
+    from icnn.cli.compare import RECIPE
     from icnn.training import TrainConfig
     from icnn.training.classify import ClassifierObjective, build_model_for
     from icnn.training.loop import autocast_for, make_optimizer
 
     cfg = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device=args.device, amp=args.amp,
                       freeze_stem=args.cached, head_norm=True, interpretable=interpretable, backbone_lr_mult=0.1,
-                      filter_loss={"lambda_": 0.6, "z_estimate": "batch", "mode": args.mode})  # fmt: skip
+                      filter_loss={**RECIPE["filter_loss"], **({"mode": args.mode} if args.mode else {})})  # fmt: skip
     torch.manual_seed(0)
     model = build_model_for(cfg, 1).to(args.device)
     objective = ClassifierObjective(model, cfg, num_classes=2).to(args.device)
@@ -49,8 +50,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--mode", default=None, help="filter-loss mode of the interpretable twin (default: the recipe's, icnn.cli.compare.RECIPE)")
     p.add_argument("--cached", action="store_true", help="the stem frozen and its outputs given (the cached path)")
-    p.add_argument("--mode", default="posterior", help="filter-loss mode of the interpretable twin")
     p.add_argument("--amp", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")

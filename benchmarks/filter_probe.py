@@ -7,6 +7,12 @@ and the collapse figures on a validation split carved from the training images (
 split once settings are chosen).
 
   python benchmarks/filter_probe.py --setting cub --eval val --loss '{"lambda_":0.6,"z_estimate":"batch"}'
+  python benchmarks/filter_probe.py --loss '{"lambda_":0.6,"z_estimate":"batch","mode":"posterior"}' --div-post 1000 --decor 1000
+
+Its --div-post W and --decor W are the product's FilterLoss diversity and decorrelation at W / C
+(C = 1280 filters: the product scales the terms by C), applied to the layers of --div-layers.
+The runs of docs/filter_loss.md were made with this script; the product's own runs
+(icnn train --train-split fit --eval-split val) confirm the chosen one.
 """
 import argparse, json, os, time, hashlib, zlib
 import torch, torch.nn.functional as F
@@ -36,6 +42,13 @@ ap.add_argument("--top-mask", type=int, default=1, help="0: the top layer keeps 
 ap.add_argument("--data", default="../shared/data")
 ap.add_argument("--cache", default=".cache/filter_probe")
 ap.add_argument("--tag", default="")
+ap.add_argument("--new-lr", type=float, default=None, help="lr of the new layer (default --lr)")
+ap.add_argument("--div", type=float, default=0.0, help="weight of the filter-diversity term")
+ap.add_argument("--div-layers", default="new")
+ap.add_argument("--div-post", type=float, default=0.0, help="weight of the posterior-collision term across filters")
+ap.add_argument("--decor", type=float, default=0.0, help="weight of the decorrelation of the filters' peak scores over the category's images")
+ap.add_argument("--groups", type=int, default=1, help="groups of the new 3x3 conv-layer (1: the paper's dense layer; 1280: depthwise)")
+ap.add_argument("--init", default="kaiming", help="kaiming (the paper: fresh) | identity: the new layer starts passing its input through")
 args = ap.parse_args()
 torch.set_num_threads(int(os.environ.get("NT", "2")))
 ROOT = os.path.join(args.data, "cub200-subset/CUB_200_2011"); NEG = os.path.join(args.data, "negatives")
@@ -107,6 +120,18 @@ def build(interp):
                     head_norm=True, mask=json.loads(args.mask))
     if interp and not args.top_mask:
         m.layers["top"].mask = None
+    if args.groups > 1:
+        old = m.layers["new"].body.conv
+        conv = torch.nn.Conv2d(old.in_channels, old.out_channels, 3, padding=1, groups=args.groups)
+        torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+        m.layers["new"].body.conv = conv
+    if args.init == "identity":  # each new filter starts as the top filter of the same index
+        conv = m.layers["new"].body.conv
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[torch.arange(conv.out_channels), torch.arange(conv.out_channels) % conv.weight.shape[1], 1, 1] = 1.0
+            conv.bias.zero_()
     return m
 
 
@@ -130,8 +155,43 @@ if interp:
 for p in m.stem.parameters():
     p.requires_grad_(False)
 top_p = list(m.layers["top"].parameters())
-rest = [p for n, p in m.named_parameters() if not n.startswith("layers.top") and not n.startswith("stem")]
-opt = torch.optim.SGD([{"params": top_p, "lr": args.top_lr}, {"params": rest, "lr": args.lr}], momentum=0.9, weight_decay=5e-4)
+new_p = list(m.layers["new"].parameters())
+rest = [p for n, p in m.named_parameters() if not n.startswith("layers.") and not n.startswith("stem")]
+opt = torch.optim.SGD([{"params": top_p, "lr": args.top_lr}, {"params": new_p, "lr": args.new_lr or args.lr}, {"params": rest, "lr": args.lr}], momentum=0.9, weight_decay=5e-4)
+
+
+def post_collision(floss, x, y):
+    """mean over category images of U * sum_u (mean_f p(T_u|x_f))^2: 1 when the filters' posteriors over
+    positions spread evenly, U when every filter puts its part at the same unit."""
+    x = x[y == 1]
+    if len(x) == 0:
+        return torch.zeros(())
+    from icnn.loss.mi import template_scores
+    s = template_scores(x.float(), floss.templates)
+    log_post = torch.log_softmax(s - floss.log_z.detach() + floss.log_prior, -1)[..., :-1]  # (B, C, U)
+    P = log_post.exp().mean(1)  # (B, U)
+    return (P.pow(2).sum(-1) * P.shape[-1]).mean()
+
+
+def decorrelation(x, y):
+    """mean squared off-diagonal correlation of the filters' peak scores over the batch's category images."""
+    s = x[y == 1].flatten(2).amax(-1)  # (B, C)
+    if s.shape[0] < 3:
+        return torch.zeros(())
+    z = (s - s.mean(0)) / (s.std(0) + 1e-3)
+    corr = z.t() @ z / (s.shape[0] - 1)
+    c = corr.shape[0]
+    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (c * (c - 1))
+
+
+def diversity(x, y):
+    """mean over category images of ||mean_f x_f / ||x_f|| ||^2 (1: all filters alike; 1/C: orthogonal)."""
+    x = x[y == 1]
+    if len(x) == 0:
+        return torch.zeros(())
+    v = x.flatten(2)
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return v.mean(1).pow(2).sum(-1).mean()
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
 n = len(tr["y"])
 g = torch.Generator().manual_seed(args.seed)
@@ -149,6 +209,12 @@ for ep in range(1, args.epochs + 1):
         logit = logit.squeeze(1)
         loss = F.softplus(-(2 * y.float() - 1) * logit).mean()
         fl = sum((fls[k](relu[k], y) for k in fls), torch.zeros(()))
+        if args.div:
+            fl = fl + args.div * sum(diversity(relu[k], y) for k in args.div_layers.split(","))
+        if args.decor:
+            fl = fl + args.decor * sum(decorrelation(relu[k], y) for k in args.div_layers.split(","))
+        if args.div_post:
+            fl = fl + args.div_post * sum(post_collision(fls[k], relu[k], y) for k in args.div_layers.split(","))
         if not torch.isfinite(loss + fl):
             raise SystemExit(f"non-finite at ep {ep}")
         opt.zero_grad(); (loss + fl).backward(); opt.step()

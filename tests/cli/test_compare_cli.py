@@ -92,7 +92,7 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys):
 
 def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):
     """configs/cub200_efficientnet_lite0.toml must give compare's twins the settings of the runs
-    in docs/filter_loss.md §6 (no warm-ups: the file overrides compare's defaults)."""
+    in docs/filter_loss.md ("Why the filters collapse, and the fix"): compare's recipe, spelled out."""
     from pathlib import Path
 
     from icnn.cli import build_parser
@@ -106,5 +106,10 @@ def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):
     assert cfg.freeze_stem and cfg.head_norm and cfg.augment and cfg.stem_lr_mult is None
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_mult, cfg.lr_schedule) == (6, 32, 0.01, 0.1, "cosine")
     assert cfg.mask_warmup_epochs == 0.0 and cfg.dataset_kwargs == {"max_negatives": 300}
-    assert cfg.filter_loss == {"lambda_": 0.6, "z_estimate": "batch", "warmup_epochs": 0}
+    assert cfg.filter_loss == {"mode": "posterior", "lambda_": 1.0, "z_estimate": "batch", "diversity": 0.234375,
+                               "decorrelation": 0.78125, "warmup_epochs": 0}
+    # ... which is compare's own recipe: the file only spells it out
+    from icnn.cli.compare import RECIPE
+
+    assert {k: v for k, v in cfg.filter_loss.items() if k != "warmup_epochs"} == RECIPE["filter_loss"]
     assert cfg.root == str(tmp_path / "cub") and cfg.negatives_root == str(tmp_path / "neg")
