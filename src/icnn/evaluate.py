@@ -45,6 +45,7 @@ class EvalConfig(Config):
     device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
     top_k: int = 100  # images per filter and landmark for location instability (paper: 100)
     quantile: float = 0.005  # p(x > T_f) of the part regions (paper, Network Dissection)
+    quantile_rule: str = "fixed"  # fixed: p = quantile (the paper); per_unit: p = 1/(h w), one unit per image on average, what 0.005 gives on 14x14 maps
     iou_threshold: float = 0.2  # IoU above which a region counts as the part (paper: 0.2)
     dissection_threshold: float = 0.04  # Network-Dissection detector threshold (Bau et al.: 0.04)
     rf_mode: str = "upsample"  # part regions: upsample (bilinear, Network Dissection) or rf (a round RF per active unit)
@@ -56,7 +57,7 @@ class EvalConfig(Config):
     cache_dir: str | None = None  # keep caches (stem outputs, evaluated maps) on disk here (default: in memory)
     progress: bool = True  # progress bars (off when stderr is not a terminal)
 
-    CHOICES = {"rf_mode": ("upsample", "rf")}
+    CHOICES = {"rf_mode": ("upsample", "rf"), "quantile_rule": ("fixed", "per_unit")}
     POSITIVE = ("batch_size", "top_k", "reference_draws", "density_grid", "quantile", "iou_threshold")
 
 
@@ -150,7 +151,8 @@ class MetricSuite:
         self.c, self.centers = c, unit_centers(self.geometry, h, w)  # (h, w, 2) (x, y)
         self.inst = LocationInstability(c, self.landmark_names, nc, top_k=cfg.top_k) if self.landmark_names else None
         self.collapse = FilterCollapse(c, nc, self.landmark_names)
-        self.quant = TopQuantile(c, self.n * h * w, q=cfg.quantile)
+        self.quantile = cfg.quantile if cfg.quantile_rule == "fixed" else 1.0 / (h * w)  # docs/part_interpretability.md
+        self.quant = TopQuantile(c, self.n * h * w, q=self.quantile)
         mask_shape = (len(self.part_names), *self.image_hw) if self.part_names else None
         self.cache = _MapCache(self.n, (c, h, w), mask_shape, cfg.cache_dir)
         self.class_sum = torch.zeros(nc, c, dtype=torch.float64)
@@ -215,7 +217,7 @@ class MetricSuite:
         categories = self.categories() if categories is None else torch.as_tensor(categories).long()
         thresholds = self.quant.compute()
         h, w = self.centers.shape[:2]
-        m: dict = {"num_images": self.n, "num_filters": self.c, "layer": cfg.layer, "map_size": [h, w]}
+        m: dict = {"num_images": self.n, "num_filters": self.c, "layer": cfg.layer, "map_size": [h, w], "quantile": self.quantile}
         per_filter: dict = {"category": categories.tolist(), "threshold": thresholds.tolist()}
         if self.inst is not None:
             res = self.inst.compute(categories=categories if self.interpretable else None)

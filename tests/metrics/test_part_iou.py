@@ -353,3 +353,21 @@ def test_part_interpretability_references_score_one_unit_regions_by_the_same_rul
     assert refs["best_fixed_unit"] == 1.0
     assert refs["random_unit"] == pytest.approx(float((draws == 0).double().mean()))
     assert 0 < refs["random_unit"] < 1
+
+
+def test_per_unit_quantile_rule_is_one_unit_per_image_on_the_maps_grid():
+    """quantile_rule=per_unit sets p = 1/(h w) from the evaluated layer's map size: the same
+    numbers as giving that p by hand, recorded in metrics.json."""
+    from icnn.data import build_dataset
+    from icnn.evaluate import EvalConfig, evaluate
+    from icnn.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("small_cnn", num_classes=1, image_size=32)
+    data = build_dataset("synthetic", split="test", task="single", image_size=32, num_samples=12)
+    h, w = net.layer_shapes()["new"][1:]
+    auto = evaluate(net, data, EvalConfig(device="cpu", quantile_rule="per_unit", progress=False, batch_size=6)).metrics
+    hand = evaluate(net, data, EvalConfig(device="cpu", quantile=1.0 / (h * w), progress=False, batch_size=6)).metrics
+    assert auto["quantile"] == pytest.approx(1.0 / (h * w)) and auto["quantile"] != EvalConfig().quantile
+    assert auto["part_interpretability"] == hand["part_interpretability"]
+    assert auto["dissection"] == hand["dissection"]
