@@ -238,7 +238,7 @@ class MetricSuite:
             pres, dres, pref = _region_pass(self.cache.batches(cfg.batch_size), thresholds, self.part_names, self.nc,
                                            mode=cfg.rf_mode, centers=self.geometry, iou_threshold=cfg.iou_threshold,
                                            dissection_threshold=cfg.dissection_threshold, categories=categories,
-                                           progress=cfg.progress, seed=cfg.seed)  # fmt: skip
+                                           progress=cfg.progress, seed=cfg.seed, draws=cfg.reference_draws)  # fmt: skip
             m["part_interpretability"] = pres.score
             m["part_interpretability_references"] = pref
             m["part_names"] = list(self.part_names)
@@ -254,14 +254,14 @@ class MetricSuite:
 
 
 def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_threshold, dissection_threshold, categories,
-                 progress, seed=0):  # fmt: skip
+                 progress, seed=0, draws=1):  # fmt: skip
     """Part interpretability and Network Dissection over the cached maps: one pass over the regions.
 
     Beside the filters, the same pass scores the references of part interpretability, as for
-    location instability: ``1 + h*w`` pseudo-filters whose map is one at a single unit (a random
-    unit per image; each fixed unit), their regions made by the same rule. ``random_unit`` is the
-    first's figure on each filter's category, ``best_fixed_unit`` the best fixed unit's, both
-    averaged over the evaluated filters as the score is.
+    location instability: ``draws + h*w`` pseudo-filters whose map is one at a single unit (a random
+    unit per image, ``draws`` times; each fixed unit), their regions made by the same rule.
+    ``random_unit`` is the random ones' mean figure on each filter's category, ``best_fixed_unit``
+    the best fixed unit's, both averaged over the evaluated filters as the score is.
     """
     from .metrics.dissection import NetworkDissection
     from .metrics.part_iou import PartInterpretability
@@ -276,18 +276,18 @@ def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_thre
         dis.update(maps, masks, overlaps=overlaps)
         b, _, h, w = maps.shape
         if ref is None:
-            ref = PartInterpretability(torch.full((1 + h * w,), 0.5), part_names, nc, mode=mode, centers=centers,
+            ref = PartInterpretability(torch.full((draws + h * w,), 0.5), part_names, nc, mode=mode, centers=centers,
                                        iou_threshold=iou_threshold)  # fmt: skip
-        units = torch.cat((torch.randint(h * w, (b, 1), generator=g), torch.arange(h * w).expand(b, -1)), 1)  # (B, 1+hw)
-        pseudo = torch.nn.functional.one_hot(units, h * w).to(maps.dtype).reshape(b, 1 + h * w, h, w)
+        units = torch.cat((torch.randint(h * w, (b, draws), generator=g), torch.arange(h * w).expand(b, -1)), 1)  # (B, draws+hw)
+        pseudo = torch.nn.functional.one_hot(units, h * w).to(maps.dtype).reshape(b, draws + h * w, h, w)
         ref.update(pseudo, masks, labels)
     pres = piou.compute(categories=categories)
     every_class = ref.compute(categories=torch.zeros(len(ref.thresholds), dtype=torch.long)).per_filter_class_part
-    per_class = torch.nan_to_num(every_class, nan=-1.0).amax(-1)  # (1+hw, NC): the best part, on each class
+    per_class = torch.nan_to_num(every_class, nan=-1.0).amax(-1)  # (draws+hw, NC): the best part, on each class
     evaluated = ~torch.isnan(pres.per_filter)
     cat = pres.category[evaluated]
     refs = {}
-    for name, values in (("random_unit", per_class[0]), ("best_fixed_unit", per_class[1:].amax(0))):
+    for name, values in (("random_unit", per_class[:draws].mean(0)), ("best_fixed_unit", per_class[draws:].amax(0))):
         v = values.double()[cat]
         refs[name] = float(v[v >= 0].mean()) if bool((v >= 0).any()) else float("nan")
     return pres, dis.compute(), refs

@@ -353,6 +353,14 @@ def test_part_interpretability_references_score_one_unit_regions_by_the_same_rul
     assert refs["best_fixed_unit"] == 1.0
     assert refs["random_unit"] == pytest.approx(float((draws == 0).double().mean()))
     assert 0 < refs["random_unit"] < 1
+    # several draws: their mean
+    _, _, refs3 = _region_pass(batches, torch.full((2,), 0.5), ["part"], 1, mode="upsample", centers=None,
+                               iou_threshold=0.2, dissection_threshold=0.04, categories=torch.zeros(2, dtype=torch.long),
+                               progress=False, seed=seed, draws=3)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    draws3 = torch.cat([torch.randint(4, (8, 3), generator=g) for _ in range(3)])
+    assert refs3["random_unit"] == pytest.approx(float((draws3 == 0).double().mean()))
+    assert refs3["best_fixed_unit"] == 1.0
 
 
 def test_per_unit_quantile_rule_is_one_unit_per_image_on_the_maps_grid():
