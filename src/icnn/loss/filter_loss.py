@@ -139,7 +139,12 @@ def paper_weights(scores, t_hat, log_z, log_prior, is_target, cfg: FilterLossCon
         return sign * log_mag.clamp(max=_LOG_WEIGHT_CAP).exp()
 
 
-def position_collision(scores, log_z, log_prior, is_target) -> torch.Tensor:
+def template_log_posterior(scores, log_z, log_prior) -> torch.Tensor:
+    """``log p(T|x) (B, C, T)`` with ``Z_T`` a constant: the posterior and the collision share it."""
+    return torch.log_softmax(scores - log_z + log_prior, dim=-1)
+
+
+def position_collision(scores, log_z, log_prior, is_target, log_post=None) -> torch.Tensor:
     """How much a layer's filters pile onto the same positions, per image of their category.
 
     With ``p_f(u) = p(T_u | x_f)`` the posterior of filter ``f``'s map over the part templates
@@ -147,9 +152,12 @@ def position_collision(scores, log_z, log_prior, is_target) -> torch.Tensor:
     the image's category, the collision is ``U sum_u P(u)^2``: 1 when the filters' parts spread
     evenly over the ``U`` positions, ``U`` when every filter puts its part at the same unit, less
     where filters are silent (their mass sits on ``T-``). Averaged over the images with at least
-    one such filter; differentiable through the scores (``Z_T`` constant).
+    one such filter; differentiable through the scores (``Z_T`` constant). ``log_post``: the
+    :func:`template_log_posterior` of these scores, when already computed.
     """
-    log_post = torch.log_softmax(scores - log_z + log_prior, dim=-1)[..., :-1]  # (B, C, U)
+    if log_post is None:
+        log_post = template_log_posterior(scores, log_z, log_prior)
+    log_post = log_post[..., :-1]  # (B, C, U)
     w = is_target.to(log_post.dtype)  # (B, C): the filters of this image's category
     count = w.sum(1)  # (B,)
     p = (log_post.exp() * w[..., None]).sum(1) / count.clamp_min(1)[:, None]  # (B, U)
@@ -175,10 +183,12 @@ def peak_decorrelation(x: torch.Tensor, labels: torch.Tensor, targets: torch.Ten
     return torch.stack(terms).mean() if terms else x.sum() * 0
 
 
-def posterior_nll(scores, t_hat, log_z, log_prior) -> torch.Tensor:
-    """``-log p(T^|x)`` per map ``(B, C)``, ``Z_T`` a constant; gradient ``-(t^ - E_p(T|x) t)``."""
-    log_joint = scores - log_z + log_prior  # (B, C, T)
-    return torch.logsumexp(log_joint, dim=-1) - log_joint.gather(-1, t_hat[..., None])[..., 0]
+def posterior_nll(scores, t_hat, log_z, log_prior, log_post=None) -> torch.Tensor:
+    """``-log p(T^|x)`` per map ``(B, C)``, ``Z_T`` a constant; gradient ``-(t^ - E_p(T|x) t)``.
+    ``log_post``: the :func:`template_log_posterior` of these scores, when already computed."""
+    if log_post is None:
+        log_post = template_log_posterior(scores, log_z, log_prior)
+    return -log_post.gather(-1, t_hat[..., None])[..., 0]
 
 
 class FilterLoss(nn.Module):
@@ -252,19 +262,22 @@ class FilterLoss(nn.Module):
         weights = None
         if cfg.mode == "exact":
             return self._record((lam * neg_mi(scores, self.log_prior)).sum(), terms, lam, None)
+        active = bool((lam > 0).any())
+        diverse = cfg.diversity > 0 and active
+        log_post = template_log_posterior(scores, log_z, self.log_prior) if cfg.mode == "posterior" or diverse else None
         if cfg.mode == "posterior":
-            surrogate = posterior_nll(scores, t_hat, log_z, self.log_prior).mean(0)  # (C,)
+            surrogate = posterior_nll(scores, t_hat, log_z, self.log_prior, log_post).mean(0)  # (C,)
         else:
             weights = paper_weights(scores.detach(), t_hat, log_z, self.log_prior, is_target, cfg)  # (B, C)
             b, c, h, w = xf.shape
             tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
             surrogate = (weights * tr_hat).sum(0) / b
         loss = (lam * surrogate).sum()
-        if cfg.diversity > 0 and bool((lam > 0).any()):  # the layer's filters compete for positions
-            collision = position_collision(scores, log_z, self.log_prior, is_target)
+        if diverse:  # the layer's filters compete for positions
+            collision = position_collision(scores, log_z, self.log_prior, is_target, log_post)
             self._collision = float(collision.detach())
             loss = loss + cfg.diversity * self.num_filters * collision
-        if cfg.decorrelation > 0 and bool((lam > 0).any()):  # ... and carry different information
+        if cfg.decorrelation > 0 and active:  # ... and carry different information
             redundancy = peak_decorrelation(xf, labels, self.targets())
             self._redundancy = float(redundancy.detach())
             loss = loss + cfg.decorrelation * self.num_filters * redundancy
