@@ -65,7 +65,7 @@ from typing import ClassVar
 import torch
 
 from ..training.config import Config
-from .extract import Features
+from .extract import SITES, Features
 from .lasso import lasso
 from .model import DecisionTree, TreeError
 
@@ -92,7 +92,7 @@ class TreeConfig(Config):
     lasso_tol: float = 1e-4  # relative duality gap at which a LASSO is solved
     exact_limit: int = 400  # exact mode refuses more positive images (it fits O(n^2) LASSOs)
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"mode": ("fast", "exact"), "alpha_mode": ("binary", "relaxed"), "site": ("post_mask", "pre_mask")}
+    CHOICES: ClassVar[dict[str, tuple]] = {"mode": MODES, "alpha_mode": ALPHA_MODES, "site": SITES}
 
     def __post_init__(self) -> None:
         bad = lambda name, why: TreeError(f"config.{name}: {why}, got {getattr(self, name)!r}", field=name,
