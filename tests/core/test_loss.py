@@ -318,7 +318,7 @@ def test_weight_sign_variants_of_eq4():
 
 
 def test_position_collision_counts_filters_that_share_a_position():
-    from icnn.loss.filter_loss import position_collision
+    from icnn.loss.filter_loss import position_collision, template_posterior
 
     # 4 filters, 2x2 maps: decisive posteriors (large scores) all at unit 0, or one unit each
     same, spread = torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)
@@ -326,12 +326,32 @@ def test_position_collision_counts_filters_that_share_a_position():
     spread[0, torch.arange(4), torch.arange(4)] = 50.0
     zeros, prior = torch.zeros(4, 5), torch.zeros(5)
     target = torch.ones(1, 4, dtype=torch.bool)
-    assert float(position_collision(same, zeros, prior, target)) == pytest.approx(4.0)  # U: all at one unit
-    assert float(position_collision(spread, zeros, prior, target)) == pytest.approx(1.0)  # even spread
+
+    def collision(scores, is_target):
+        return float(position_collision(template_posterior(scores, zeros, prior)[1], is_target))
+
+    assert collision(same, target) == pytest.approx(4.0)  # U: all at one unit
+    assert collision(spread, target) == pytest.approx(1.0)  # even spread
     # only the filters of the image's category count; an image with none drops out
     mixed = torch.cat([same, spread])
     target2 = torch.tensor([[True] * 4, [False] * 4])
-    assert float(position_collision(mixed, zeros, prior, target2)) == pytest.approx(4.0)
+    assert collision(mixed, target2) == pytest.approx(4.0)
+
+
+def test_template_posterior_is_the_softmax_with_its_gradient():
+    from icnn.loss.filter_loss import template_posterior
+
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(6, 3, 10, generator=g, dtype=torch.float64) * 30).requires_grad_()
+    log_z, log_prior = torch.randn(3, 10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    w1, w2 = torch.randn(6, 3, 10, generator=g, dtype=torch.float64), torch.randn(6, 3, 10, generator=g, dtype=torch.float64)
+    log_post, post = template_posterior(scores, log_z, log_prior)
+    (grad,) = torch.autograd.grad((w1 * log_post).sum() + (w2 * post).sum(), scores)
+    ref_log = torch.log_softmax(scores - log_z + log_prior, -1)
+    (ref_grad,) = torch.autograd.grad((w1 * ref_log).sum() + (w2 * ref_log.exp()).sum(), scores)
+    torch.testing.assert_close(log_post, ref_log, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(post, ref_log.exp(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_diversity_pushes_filters_at_one_position_apart():
@@ -353,11 +373,24 @@ def test_peak_decorrelation_is_one_for_copies_and_zero_for_independent_filters()
 
     g = torch.Generator().manual_seed(10)
     peaks = torch.rand(50, 1, generator=g)
-    copies = peaks.expand(50, 3)[..., None, None] * torch.ones(1, 1, 2, 2)  # three filters, the same responses
+    copies = peaks.expand(50, 3)  # three filters, the same responses
     labels, targets = torch.ones(50, dtype=torch.long), torch.ones(3, dtype=torch.long)
     assert float(peak_decorrelation(copies, labels, targets)) == pytest.approx(1.0, abs=0.02)  # (the std has an epsilon)
-    independent = torch.rand(2000, 3, 1, 1, generator=g)
+    independent = torch.rand(2000, 3, generator=g)
     assert float(peak_decorrelation(independent, torch.ones(2000, dtype=torch.long), targets)) < 0.01
     # only the category's images and filters: the negatives' responses do not count
-    mixed = torch.cat([copies, torch.rand(50, 3, 2, 2, generator=g)])
+    mixed = torch.cat([copies, torch.rand(50, 3, generator=g)])
     assert float(peak_decorrelation(mixed, torch.cat([labels, torch.zeros(50, dtype=torch.long)]), targets)) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("cfg", [dict(mode="posterior", z_estimate="batch", diversity=0.5),  # -MI from the posterior
+                                 dict(mode="posterior", z_estimate="running"), dict(mode="paper")])  # fmt: skip
+def test_filter_loss_value_is_lambda_times_the_batch_neg_mi(cfg):
+    g = torch.Generator().manual_seed(4)
+    fl = FilterLoss(3, 2, (4, 4), negative_class=0, lambda_=0.5, schedule="constant", **cfg)
+    fl.start_epoch(1)
+    for _ in range(3):  # the running Z_T moves away from the batch's; the value stays the batch's -MI
+        x = torch.relu(torch.randn(8, 3, 4, 4, generator=g)) * 5
+        labels = torch.tensor([0, 1] * 4)
+        value = fl(x.clone().requires_grad_(), labels)
+        assert float(value.detach()) == pytest.approx(0.5 * float(brute_force_neg_mi(x.double()).sum()), rel=1e-4, abs=1e-6)

@@ -13,6 +13,7 @@ from torch import nn
 
 from icnn import PartMask
 from icnn.models import (
+    add_head_hidden,
     MODELS,
     FeatureMaps,
     InterpretableNet,
@@ -239,3 +240,27 @@ def test_head_norm_errors():
     with pytest.raises(ModelError, match="already has a layer named 'norm'"):
         add_head_norm(add_head_norm(linear_head()(4, (2, 2), 1)))
 
+
+
+def test_head_hidden_replaces_the_output_layer_and_is_exact_by_hand():
+    torch.manual_seed(0)
+    plain = build_model("small_cnn", num_classes=1, image_size=SIZE, head_norm=True)
+    torch.manual_seed(0)
+    hidden = build_model("small_cnn", num_classes=1, image_size=SIZE, head_norm=True, head_hidden=3)
+    assert [n for n, _ in hidden.head.named_children()] == ["pool", "flatten", "norm", "drop", "hidden", "hidden_relu", "fc"]
+    a, b = plain.state_dict(), hidden.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))  # the backbone is untouched
+    d = hidden.head.hidden.in_features
+    with torch.no_grad():  # by hand: y = fc(relu(W z + c)) on the pooled (and normed) features z
+        hidden.head.hidden.weight.zero_()
+        hidden.head.hidden.weight[0, 0], hidden.head.hidden.weight[1, 0] = 1.0, -1.0
+        hidden.head.hidden.bias.copy_(torch.tensor([0.0, 0.0, 2.0]))
+        hidden.head.fc.weight.copy_(torch.tensor([[3.0, 5.0, 0.5]]))
+        hidden.head.fc.bias.fill_(-1.0)
+    z = torch.tensor([[2.0] + [0.0] * (d - 1), [-4.0] + [0.0] * (d - 1)])
+    tail = nn.Sequential(hidden.head.hidden, hidden.head.hidden_relu, hidden.head.fc)
+    torch.testing.assert_close(tail(z), torch.tensor([[3 * 2 + 0.5 * 2 - 1.0], [5 * 4 + 0.5 * 2 - 1.0]]))
+    with pytest.raises(ModelError, match="head_hidden needs an nn.Sequential head"):
+        add_head_hidden(nn.Linear(3, 1), 4)
+    with pytest.raises(ModelError, match="width >= 1"):
+        add_head_hidden(linear_head()(4, (2, 2), 1), 0)

@@ -152,3 +152,18 @@ def test_resume_conflicts_name_what_a_run_computes():
     # an interpretable run may not resume an ordinary one
     conflicts = TrainConfig(interpretable=True, filter_loss={"lambda_": 0.6}).resume_conflicts(saved)
     assert conflicts == {"interpretable": (False, True)}
+
+
+def test_head_hidden_travels_through_the_config_to_a_loaded_model(tmp_path):
+    from icnn.training import TrainConfig
+    from icnn.training import build_model_for, load_model
+
+    cfg = TrainConfig(arch="small_cnn", image_size=32, head_norm=True, head_hidden=5, out=str(tmp_path))
+    net = build_model_for(cfg, num_classes=1)
+    assert net.head.hidden.out_features == 5 and net.head.fc.in_features == 5
+    save_checkpoint(tmp_path, net, {"num_classes": 1}, cfg.to_dict())
+    model, loaded_cfg, _ = load_model(tmp_path)
+    assert loaded_cfg.head_hidden == 5
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), net.eval()(x))
+    assert TrainConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "head_hidden"}).head_hidden == 0

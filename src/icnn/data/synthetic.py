@@ -168,13 +168,6 @@ def _dir(deg: float) -> tuple[float, float]:
     return math.cos(a), -math.sin(a)
 
 
-def _rot(deg: float) -> np.ndarray:
-    """Rotation matrix that turns direction 0 into direction ``deg`` (see ``_dir``)."""
-    a = math.radians(deg)
-    c, s = math.cos(a), math.sin(a)
-    return np.array([[c, s], [-s, c]])
-
-
 def _at(p, d, k):
     """``p + k * d`` for 2-vectors."""
     return p[0] + k * d[0], p[1] + k * d[1]

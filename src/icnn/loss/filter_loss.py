@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..templates import DISTANCES, default_alpha, default_tau, part_templates, template_priors
-from .mi import decompose, neg_mi, template_scores
+from .mi import decompose, neg_mi, neg_mi_from_posterior, template_scores
 from .state import SCHEDULES, Z_ESTIMATES, Z_SCOPES, FilterStatistics, all_reduce_logsumexp, all_reduce_mean, all_reduce_sum, dist_ready
 
 MODES = ("paper", "exact", "posterior")
@@ -110,12 +110,10 @@ class FilterLossConfig:
         return asdict(self)
 
 
-def target_templates(x: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
-    """Index of ``T^`` per map ``(B, C)``: the unit of ``mu^ = argmax_ij x`` on images of the filter's
-    category, ``h*w`` (``T-``) elsewhere. The choice carries no gradient."""
-    b, c, h, w = x.shape
-    unit = x.detach().reshape(b, c, h * w).argmax(-1)
-    return torch.where(is_target, unit, torch.full_like(unit, h * w))
+def target_templates(units: torch.Tensor, is_target: torch.Tensor, num_units: int) -> torch.Tensor:
+    """Index of ``T^`` per map ``(B, C)``: ``units``, each map's ``mu^ = argmax_ij x`` (row-major), on
+    images of the filter's category, ``num_units = h*w`` (``T-``) elsewhere. No gradient."""
+    return torch.where(is_target, units, torch.full_like(units, num_units))
 
 
 def paper_weights(scores, t_hat, log_z, log_prior, is_target, cfg: FilterLossConfig) -> torch.Tensor:
@@ -139,55 +137,51 @@ def paper_weights(scores, t_hat, log_z, log_prior, is_target, cfg: FilterLossCon
         return sign * log_mag.clamp(max=_LOG_WEIGHT_CAP).exp()
 
 
-def template_log_posterior(scores, log_z, log_prior) -> torch.Tensor:
-    """``log p(T|x) (B, C, T)`` with ``Z_T`` a constant: the posterior and the collision share it."""
-    return torch.log_softmax(scores - log_z + log_prior, dim=-1)
+def template_posterior(scores, log_z, log_prior) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(T|x)`` and ``p(T|x)`` ``(B, C, T)``, ``Z_T`` a constant: the NLL and the collision share them."""
+    log_post = torch.log_softmax(scores + (log_prior - log_z), dim=-1)
+    return log_post, log_post.exp()
 
 
-def position_collision(scores, log_z, log_prior, is_target, log_post=None) -> torch.Tensor:
+def position_collision(post, is_target) -> torch.Tensor:
     """How much a layer's filters pile onto the same positions, per image of their category.
 
-    With ``p_f(u) = p(T_u | x_f)`` the posterior of filter ``f``'s map over the part templates
-    (positions ``u``; the rest of its mass is on ``T-``) and ``P(u)`` its mean over the filters of
-    the image's category, the collision is ``U sum_u P(u)^2``: 1 when the filters' parts spread
-    evenly over the ``U`` positions, ``U`` when every filter puts its part at the same unit, less
-    where filters are silent (their mass sits on ``T-``). Averaged over the images with at least
-    one such filter; differentiable through the scores (``Z_T`` constant). ``log_post``: the
-    :func:`template_log_posterior` of these scores, when already computed.
+    With ``p_f(u) = p(T_u | x_f)`` the posterior ``post (B, C, T)`` of filter ``f``'s map over the
+    part templates (positions ``u``; the rest of its mass is on ``T-``, the last) and ``P(u)`` its
+    mean over the filters of the image's category, the collision is ``U sum_u P(u)^2``: 1 when
+    the filters' parts spread evenly over the ``U`` positions, ``U`` when every filter puts its
+    part at the same unit, less where filters are silent (their mass sits on ``T-``). Averaged
+    over the images with at least one such filter; differentiable through ``post``.
     """
-    if log_post is None:
-        log_post = template_log_posterior(scores, log_z, log_prior)
-    log_post = log_post[..., :-1]  # (B, C, U)
-    w = is_target.to(log_post.dtype)  # (B, C): the filters of this image's category
+    w = is_target.to(post.dtype)  # (B, C): the filters of this image's category
     count = w.sum(1)  # (B,)
-    p = (log_post.exp() * w[..., None]).sum(1) / count.clamp_min(1)[:, None]  # (B, U)
+    p = torch.bmm(w[:, None, :], post)[:, 0, :-1] / count.clamp_min(1)[:, None]  # (B, U): sum_f w p_f(u)
     per_image = p.shape[-1] * p.pow(2).sum(-1)
     ok = count > 0
-    return per_image[ok].mean() if bool(ok.any()) else scores.sum() * 0
+    return per_image[ok].mean() if bool(ok.any()) else post.sum() * 0
 
 
-def peak_decorrelation(x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def peak_decorrelation(peaks: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Redundancy of a layer's filters: the mean squared correlation, between two filters of one
-    category, of their peak responses ``max_ij x`` over that category's images in the batch
-    (0: no filter's response predicts another's; 1: copies). Differentiable; categories with
-    fewer than 3 images or 2 filters in the batch drop out."""
+    category, of their peak responses ``peaks = max_ij x (B, C)`` over that category's images in
+    the batch (0: no filter's response predicts another's; 1: copies). Differentiable; categories
+    with fewer than 3 images or 2 filters in the batch drop out."""
     terms = []
     for c in targets.unique().tolist():
-        s = x[labels == c][:, targets == c].flatten(2).amax(-1)  # (n, F) peak responses
+        s = peaks[labels == c][:, targets == c]  # (n, F)
         n, f = s.shape
         if n < 3 or f < 2:
             continue
-        z = (s - s.mean(0)) / (s.std(0) + 1e-3)
-        corr = z.t() @ z / (n - 1)  # (F, F)
-        terms.append((corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (f * (f - 1)))
-    return torch.stack(terms).mean() if terms else x.sum() * 0
+        z = (s - s.mean(0)) / (s.std(0) + 1e-3)  # corr = z^T z / (n - 1), (F, F)
+        gram = z @ z.t() if n < f else z.t() @ z  # the smaller of z z^T, z^T z: the same ||.||_F
+        off = gram.pow(2).sum() - z.pow(2).sum(0).pow(2).sum()  # sum_{f != g} (z^T z)_fg^2
+        terms.append(off / ((n - 1) ** 2 * f * (f - 1)))
+    return torch.stack(terms).mean() if terms else peaks.sum() * 0
 
 
-def posterior_nll(scores, t_hat, log_z, log_prior, log_post=None) -> torch.Tensor:
-    """``-log p(T^|x)`` per map ``(B, C)``, ``Z_T`` a constant; gradient ``-(t^ - E_p(T|x) t)``.
-    ``log_post``: the :func:`template_log_posterior` of these scores, when already computed."""
-    if log_post is None:
-        log_post = template_log_posterior(scores, log_z, log_prior)
+def posterior_nll(log_post, t_hat) -> torch.Tensor:
+    """``-log p(T^|x)`` per map ``(B, C)`` from :func:`template_posterior`'s ``log_post``; gradient
+    (``Z_T`` a constant) ``-(t^ - E_p(T|x) t)``."""
     return -log_post.gather(-1, t_hat[..., None])[..., 0]
 
 
@@ -219,6 +213,7 @@ class FilterLoss(nn.Module):
         self.register_buffer("log_prior", template_priors(h, w, alpha=alpha).log().float(), persistent=False)
         self.stats = FilterStatistics(num_filters, h * w + 1, num_classes, negative_class=negative_class, target_classes=target_classes)
         self._diag: dict[str, float] = {}
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_epoch(self, epoch: int) -> None:
         """Begin epoch ``epoch`` (1-based): lambda's schedule, this epoch's statistics."""
@@ -233,14 +228,22 @@ class FilterLoss(nn.Module):
         return self.stats.lambdas(self.config.lambda_, self.config.schedule, self.config.warmup_epochs)
 
     def diagnostics(self) -> dict[str, float]:
-        """Last step's: lambda, neg_mi, inter/spatial entropy, silent fraction, mean max, ..."""
+        """Last step's: lambda, neg_mi, inter/spatial entropy, silent fraction, mean max, ...
+        (the Eq. 5-7 terms are computed here, from the last step's scores, not at every step)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            scores, lam = pending
+            with torch.no_grad():
+                terms = decompose(scores, self.log_prior)
+            self._diag.update({k: float(terms[k].mean()) for k in ("neg_mi", "inter_entropy", "spatial_entropy")})
         return dict(self._diag)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.num_filters, *self.map_size):
             raise ValueError(f"filter loss expects maps (B, {self.num_filters}, {self.map_size[0]}, {self.map_size[1]}), got {tuple(x.shape)}")
         labels = labels.reshape(-1).long()
-        if not bool(torch.isfinite(x).all()):  # never fold a bad batch into the running state
+        b, c, h, w = x.shape
+        if not bool(torch.isfinite(x.detach().reshape(b, c, h * w).sum(-1)).all()):  # never fold a bad batch into the state
             return (x.float().sum() * float("nan")).reshape(())
         cfg = self.config
         xf = x.float()
@@ -253,43 +256,46 @@ class FilterLoss(nn.Module):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
         self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope, momentum=cfg.z_momentum)
         lam = self.lambdas().to(xf.dtype)  # (C,)
-        with torch.no_grad():
-            terms = decompose(scores.detach(), self.log_prior)
-        value = (lam * terms["neg_mi"]).sum()
-        is_target = labels[:, None] == self.targets()[None, :]  # (B, C): image of the filter's category
-        t_hat = target_templates(xf, is_target)
+        self._pending = (scores.detach(), lam)  # the Eq. 5-7 terms of diagnostics(), computed when asked
+        targets = self.targets()
+        is_target = labels[:, None] == targets[None, :]  # (B, C): image of the filter's category
+        flat = xf.reshape(b, c, h * w)
+        units = flat.detach().argmax(-1)  # (B, C): mu^ of every map
+        t_hat = target_templates(units, is_target, h * w)
         log_z = self.stats.log_z.to(xf.dtype)
         weights = None
         if cfg.mode == "exact":
-            return self._record((lam * neg_mi(scores, self.log_prior)).sum(), terms, lam, None)
+            return self._record((lam * neg_mi(scores, self.log_prior)).sum(), lam, None)
         active = bool((lam > 0).any())
         diverse = cfg.diversity > 0 and active
-        log_post = template_log_posterior(scores, log_z, self.log_prior) if cfg.mode == "posterior" or diverse else None
+        log_post, post = template_posterior(scores, log_z, self.log_prior) if cfg.mode == "posterior" or diverse else (None, None)
+        with torch.no_grad():  # the value: -MI over the batch, from the posterior where its Z_T is the batch's own
+            own_z = post is not None and cfg.z_estimate == "batch" and cfg.z_scope == "all" and not dist_ready()
+            mi = neg_mi_from_posterior(scores.detach(), log_post.detach(), post.detach(), t_hat, log_z, self.log_prior) if own_z \
+                else neg_mi(scores.detach(), self.log_prior)  # fmt: skip
+            value = (lam * mi).sum()
         if cfg.mode == "posterior":
-            surrogate = posterior_nll(scores, t_hat, log_z, self.log_prior, log_post).mean(0)  # (C,)
+            surrogate = posterior_nll(log_post, t_hat).mean(0)  # (C,)
         else:
             weights = paper_weights(scores.detach(), t_hat, log_z, self.log_prior, is_target, cfg)  # (B, C)
-            b, c, h, w = xf.shape
             tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
             surrogate = (weights * tr_hat).sum(0) / b
         loss = (lam * surrogate).sum()
         if diverse:  # the layer's filters compete for positions
-            collision = position_collision(scores, log_z, self.log_prior, is_target, log_post)
+            collision = position_collision(post, is_target)
             self._collision = float(collision.detach())
             loss = loss + cfg.diversity * self.num_filters * collision
         if cfg.decorrelation > 0 and active:  # ... and carry different information
-            redundancy = peak_decorrelation(xf, labels, self.targets())
+            peaks = flat.gather(-1, units[..., None])[..., 0]  # (B, C) max_ij x, differentiable
+            redundancy = peak_decorrelation(peaks, labels, targets)
             self._redundancy = float(redundancy.detach())
             loss = loss + cfg.decorrelation * self.num_filters * redundancy
-        return self._record(loss - loss.detach() + value, terms, lam, weights)  # value: lambda * -MI; gradient: the mode's
+        return self._record(loss - loss.detach() + value, lam, weights)  # value: lambda * -MI; gradient: the mode's
 
     @torch.no_grad()
-    def _record(self, loss: torch.Tensor, terms: dict, lam: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-        self._diag = {
-            "lambda": float(lam.mean()), "neg_mi": float(terms["neg_mi"].mean()),
-            "inter_entropy": float(terms["inter_entropy"].mean()), "spatial_entropy": float(terms["spatial_entropy"].mean()),
-            "silent_fraction": float(1.0 - self.stats.active.double().mean()), "mean_max": float(self.stats.mean_max().mean()),
-        }  # fmt: skip
+    def _record(self, loss: torch.Tensor, lam: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        self._diag = {"lambda": float(lam.mean()), "silent_fraction": float(1.0 - self.stats.active.double().mean()),
+                      "mean_max": float(self.stats.mean_max().mean())}  # fmt: skip
         if weights is not None:
             self._diag["weight_abs_mean"] = float(weights.abs().mean())
         if self.config.diversity > 0:

@@ -13,6 +13,8 @@ give neither inf nor NaN.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..templates import part_templates, template_priors
@@ -31,9 +33,25 @@ def log_likelihoods(scores: torch.Tensor, log_prior: torch.Tensor, log_z: torch.
 
 
 def neg_mi(scores: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 from template scores ``(B, C, T)`` with ``Z_T`` over the batch: ``(C,)``."""
-    log_px_t, log_px = log_likelihoods(scores, log_prior, torch.logsumexp(scores, dim=0))
-    return -(log_prior.exp() * (log_px_t.exp() * (log_px_t - log_px[..., None])).sum(0)).sum(-1)
+    """Eq. 1 from template scores ``(B, C, T)`` with ``Z_T`` over the batch: ``(C,)``.
+
+    With ``a = log p(x, T) = log p(T) + log p(x|T) <= 0``: ``-MI = H(T|X) - H(T) = -sum_{x,T} p(x,T) a
+    + sum_x p(x) log p(x) - H(T)``, with one exp over the scores (the costly step)."""
+    a = scores - (torch.logsumexp(scores, dim=0) - log_prior)  # (B, C, T)
+    m = a.detach().amax(-1)  # (B, C)
+    e = (a - m[..., None]).exp()
+    log_px = m + e.sum(-1).log()  # log p(x)
+    return (log_px.exp() * log_px).sum(0) - (m.exp() * (e * a).sum(-1)).sum(0) + (log_prior.exp() * log_prior).sum()
+
+
+def neg_mi_from_posterior(scores, log_post, post, t_hat, log_z, log_prior) -> torch.Tensor:
+    """Eq. 1 ``(C,)`` from the template posterior ``log p(T|x)``, ``p(T|x)`` ``(B, C, T)`` computed
+    with ``log_z = log mean_x exp(scores)`` of this batch, at no new exp over the scores:
+    ``-MI = sum_x p(x) H(T|x) - H(T)``, where ``log p(x) = A_t - log p(t|x) - log B`` for any
+    template ``t`` (``A = scores + log p(T) - log_z``), taken at ``t_hat (B, C)``."""
+    a_hat = scores.gather(-1, t_hat[..., None])[..., 0] + log_prior[t_hat] - log_z.gather(-1, t_hat.t()).t()
+    log_px = a_hat - log_post.gather(-1, t_hat[..., None])[..., 0] - math.log(scores.shape[0])  # (B, C)
+    return (log_px.exp() * -(post * log_post).sum(-1)).sum(0) + (log_prior.exp() * log_prior).sum()
 
 
 def decompose(scores: torch.Tensor, log_prior: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -122,7 +122,7 @@ class FilterStatistics(nn.Module):
         """Fold one (global) batch in: ``x (B, C, h, w)`` raw maps, ``scores (B, C, T)``, ``labels (B,)``."""
         n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         all_reduce_sum(n)
-        s = scores.double()
+        s = scores.double()  # log Z_T = logsumexp - log N cancels: float64
         if scope == "category":  # T_mu over the maps of the filter's category, T- over the others
             is_target = (labels[:, None] == self.targets()[None, :])[..., None]  # (B, C, 1)
             positive = torch.ones(s.shape[-1], dtype=torch.bool, device=x.device)
@@ -143,8 +143,9 @@ class FilterStatistics(nn.Module):
         total = x.double().sum(dim=(-2, -1))  # (B, C)
         onehot = torch.nn.functional.one_hot(labels, self.num_classes).double()  # (B, K)
         class_sum, class_count = onehot.t() @ total, onehot.sum(0)
-        max_sum = x.double().amax(dim=(-2, -1)).sum(0)
-        active = (x.amax(dim=(0, 2, 3)) > 0).double()
+        peak = x.amax(dim=(-2, -1))  # (B, C)
+        max_sum = peak.double().sum(0)
+        active = (peak.amax(0) > 0).double()
         all_reduce_sum(class_sum, class_count, max_sum, active)
         self.class_sum += class_sum
         self.class_count += class_count

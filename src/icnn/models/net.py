@@ -289,6 +289,25 @@ def add_head_norm(head: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(children))
 
 
+def add_head_hidden(head: nn.Module, width: int) -> nn.Sequential:
+    """``head`` with its last fc layer ``fc`` (``D -> K``) replaced by ``hidden`` (``D -> width``),
+    ``hidden_relu`` and ``fc`` (``width -> K``): a head that is not linear in the pooled features,
+    so that a decision tree over them (``icnn.tree``) sees per-image rationales. ``hidden`` keeps
+    PyTorch's default init; the new ``fc`` the head's (normal, std 0.01; zero bias)."""
+    if not isinstance(head, nn.Sequential):
+        raise ModelError(f"head_hidden needs an nn.Sequential head, got {type(head).__name__}")
+    children = list(head.named_children())
+    at = max((i for i, (_, m) in enumerate(children) if isinstance(m, nn.Linear)), default=None)
+    if at is None or int(width) < 1:
+        raise ModelError(f"head_hidden needs a head with an nn.Linear layer and a width >= 1 (got {width})")
+    last = children[at][1]
+    fc = nn.Linear(int(width), last.out_features)
+    nn.init.normal_(fc.weight, 0.0, 0.01)
+    nn.init.zeros_(fc.bias)
+    children[at : at + 1] = [("hidden", nn.Linear(last.in_features, int(width))), ("hidden_relu", nn.ReLU()), ("fc", fc)]
+    return nn.Sequential(OrderedDict(children))
+
+
 def fc_head(pool5: nn.Module, *, hidden: int = 4096, dropout: float = 0.5, norm: bool = False) -> HeadFactory:
     """AlexNet/VGG head: pool5 -> fc6 -> ReLU -> drop6 -> fc7 -> ReLU -> drop7 -> fc8.
 

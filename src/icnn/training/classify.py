@@ -266,7 +266,8 @@ def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from ..models import build_model  # unknown arch / unreadable weights: icnn.models.ModelError
 
     return build_model(cfg.arch, num_classes=num_classes, interpretable=cfg.interpretable, image_size=cfg.image_size,
-                       weights=cfg.weights, head_norm=cfg.head_norm, **({"mask": dict(cfg.mask)} if cfg.mask else {}))  # fmt: skip
+                       weights=cfg.weights, head_norm=cfg.head_norm, head_hidden=cfg.head_hidden,
+                       **({"mask": dict(cfg.mask)} if cfg.mask else {}))  # fmt: skip
 
 
 def head_classes(cfg: TrainConfig, dataset) -> int:

@@ -193,6 +193,7 @@ class TrainConfig(RunConfig):
     filter_loss: dict[str, Any] = field(default_factory=dict)  # FilterLoss options (icnn.FilterLossConfig: mode, lambda_, ...), plus layers and on
     mask: dict[str, Any] = field(default_factory=dict)  # PartMask options (beta, distance, mu; beta=adaptive)
     head_norm: bool = False  # a BatchNorm1d before the head's fc, in both twins (the masks shrink the pooled features)
+    head_hidden: int = 0  # a hidden fc layer of this width (with ReLU) before the head's output layer, in both twins; 0: none
     mask_warmup_epochs: float = 0.0  # ramp the masks linearly from identity to full over this many epochs (0: the paper)
     freeze_stem: bool = False  # keep the stem (the backbone below the top conv-layer) fixed, in eval mode: its outputs are computed once
     backbone_lr_mult: float = 1.0  # learning-rate multiplier of the backbone (stem + top conv-layer)
