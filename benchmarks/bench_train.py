@@ -3,11 +3,13 @@
 Both twins are built from the same seed and trained through the product's own objective
 (``icnn.training.classify.ClassifierObjective.step``, backward, SGD step). Steps alternate
 ordinary, interpretable, ordinary, ... so that machine noise lands on both sides alike; the
-medians over ``--steps`` steps each and their ratio are printed. ``--cached`` feeds the stem's
+medians over ``--steps`` steps each and their ratio are printed, and the median and quartiles of
+the per-pair ratios (each interpretable step against the ordinary step just before it). As
+``fit`` does, glibc's malloc is set to keep freed memory (``--malloc-default`` leaves it). ``--cached`` feeds the stem's
 outputs (what a frozen stem's cache serves: ``icnn.cache``), so the step is the top conv-layer, the
 new layer, the head and the losses only -- where the mask and the filter loss weigh most.
 
-    python benchmarks/bench_train.py --arch efficientnet_lite0 --image-size 224 --batch-size 16 --cached
+    python benchmarks/bench_train.py --arch efficientnet_lite0 --image-size 224 --batch-size 32 --cached [--amp]
     python benchmarks/bench_train.py --arch vgg16 --image-size 224 --batch-size 64 --device cuda [--compile]
 """
 
