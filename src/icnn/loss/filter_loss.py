@@ -243,7 +243,7 @@ class FilterLoss(nn.Module):
             raise ValueError(f"filter loss expects maps (B, {self.num_filters}, {self.map_size[0]}, {self.map_size[1]}), got {tuple(x.shape)}")
         labels = labels.reshape(-1).long()
         b, c, h, w = x.shape
-        if not bool(torch.isfinite(x.detach().reshape(b, c, h * w).sum(-1)).all()):  # never fold a bad batch into the state
+        if not bool(torch.isfinite(x.detach().reshape(b, c, h * w).sum(-1, dtype=torch.float32)).all()):  # never fold a bad batch in
             return (x.float().sum() * float("nan")).reshape(())
         cfg = self.config
         xf = x.float()
@@ -254,7 +254,8 @@ class FilterLoss(nn.Module):
             xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
         with torch.set_grad_enabled((cfg.mode != "paper" or cfg.diversity > 0) and torch.is_grad_enabled()):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
-        self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope, momentum=cfg.z_momentum)
+        own_z = self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope,
+                                  momentum=cfg.z_momentum)  # fmt: skip
         lam = self.lambdas().to(xf.dtype)  # (C,)
         self._pending = (scores.detach(), lam)  # the Eq. 5-7 terms of diagnostics(), computed when asked
         targets = self.targets()
@@ -270,9 +271,8 @@ class FilterLoss(nn.Module):
         diverse = cfg.diversity > 0 and active
         log_post, post = template_posterior(scores, log_z, self.log_prior) if cfg.mode == "posterior" or diverse else (None, None)
         with torch.no_grad():  # the value: -MI over the batch, from the posterior where its Z_T is the batch's own
-            own_z = post is not None and cfg.z_estimate == "batch" and cfg.z_scope == "all" and not dist_ready()
-            mi = neg_mi_from_posterior(scores.detach(), log_post.detach(), post.detach(), t_hat, log_z, self.log_prior) if own_z \
-                else neg_mi(scores.detach(), self.log_prior)  # fmt: skip
+            mi = neg_mi_from_posterior(scores, log_post, post, t_hat, log_z, self.log_prior) if own_z and post is not None \
+                else neg_mi(scores, self.log_prior)  # fmt: skip
             value = (lam * mi).sum()
         if cfg.mode == "posterior":
             surrogate = posterior_nll(log_post, t_hat).mean(0)  # (C,)

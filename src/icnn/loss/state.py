@@ -118,8 +118,10 @@ class FilterStatistics(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, estimate: str, scope: str,
-               momentum: float) -> None:  # fmt: skip
-        """Fold one (global) batch in: ``x (B, C, h, w)`` raw maps, ``scores (B, C, T)``, ``labels (B,)``."""
+               momentum: float) -> bool:  # fmt: skip
+        """Fold one (global) batch in: ``x (B, C, h, w)`` raw maps, ``scores (B, C, T)``, ``labels (B,)``.
+        Returns whether ``log_z`` is now this batch's own ``log mean_x exp(scores)`` (these scores
+        alone: over all maps, from this batch only, on one process)."""
         n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         all_reduce_sum(n)
         s = scores.double()  # log Z_T = logsumexp - log N cancels: float64
@@ -134,6 +136,7 @@ class FilterStatistics(nn.Module):
             batch = torch.where(count > 0, lse - count.clamp_min(1).log(), self.log_z.double())
         else:
             batch = all_reduce_logsumexp(torch.logsumexp(s, dim=0)) - n.log()
+        own = (self.z_count.item() == 0 or estimate == "batch") and scope != "category" and not dist_ready()
         if self.z_count.item() == 0 or estimate == "batch":
             new = batch
         else:  # running: EMA of the mean in log space
@@ -152,6 +155,7 @@ class FilterStatistics(nn.Module):
         self.max_sum += max_sum
         self.map_count += n
         self.active |= active > 0
+        return own
 
     def mean_max(self) -> torch.Tensor:
         return self.max_sum / self.map_count.clamp_min(1.0)
