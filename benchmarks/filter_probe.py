@@ -9,8 +9,9 @@ split once settings are chosen).
   python benchmarks/filter_probe.py --setting cub --eval val --loss '{"lambda_":0.6,"z_estimate":"batch"}'
   python benchmarks/filter_probe.py --loss '{"lambda_":0.6,"z_estimate":"batch","mode":"posterior"}' --div-post 1000 --decor 1000
 
-Its --div-post W and --decor W are the product's FilterLoss diversity and decorrelation at W / C
-(C = 1280 filters: the product scales the terms by C), applied to the layers of --div-layers.
+Its --div-post W and --decor W set the product's FilterLoss diversity and decorrelation at W / C
+(C = 1280 filters: the product scales the terms by C), on every layer carrying the loss (session 8's
+runs applied the probe's own copies of the two terms to the new layer only).
 The runs of docs/filter_loss.md were made with this script; the product's own runs
 (icnn train --train-split fit --eval-split val) confirm the chosen one.
 """
@@ -44,7 +45,7 @@ ap.add_argument("--cache", default=".cache/filter_probe")
 ap.add_argument("--tag", default="")
 ap.add_argument("--new-lr", type=float, default=None, help="lr of the new layer (default --lr)")
 ap.add_argument("--div", type=float, default=0.0, help="weight of the filter-diversity term")
-ap.add_argument("--div-layers", default="new")
+ap.add_argument("--div-layers", default="new", help="layers of --div")
 ap.add_argument("--div-post", type=float, default=0.0, help="weight of the posterior-collision term across filters")
 ap.add_argument("--decor", type=float, default=0.0, help="weight of the decorrelation of the filters' peak scores over the category's images")
 ap.add_argument("--groups", type=int, default=1, help="groups of the new 3x3 conv-layer (1: the paper's dense layer; 1280: depthwise)")
@@ -147,6 +148,10 @@ def run_layers(m, x):
 interp = args.variant != "ordinary"
 m = build(interp)
 cfg = json.loads(args.loss)
+if args.div_post:  # the product's terms, on every layer carrying the loss
+    cfg["diversity"] = args.div_post / 1280
+if args.decor:
+    cfg["decorrelation"] = args.decor / 1280
 fls = {}
 if interp:
     for name in args.layers.split(","):
@@ -158,30 +163,6 @@ top_p = list(m.layers["top"].parameters())
 new_p = list(m.layers["new"].parameters())
 rest = [p for n, p in m.named_parameters() if not n.startswith("layers.") and not n.startswith("stem")]
 opt = torch.optim.SGD([{"params": top_p, "lr": args.top_lr}, {"params": new_p, "lr": args.new_lr or args.lr}, {"params": rest, "lr": args.lr}], momentum=0.9, weight_decay=5e-4)
-
-
-def post_collision(floss, x, y):
-    """mean over category images of U * sum_u (mean_f p(T_u|x_f))^2: 1 when the filters' posteriors over
-    positions spread evenly, U when every filter puts its part at the same unit."""
-    x = x[y == 1]
-    if len(x) == 0:
-        return torch.zeros(())
-    from icnn.loss.mi import template_scores
-    s = template_scores(x.float(), floss.templates)
-    log_post = torch.log_softmax(s - floss.log_z.detach() + floss.log_prior, -1)[..., :-1]  # (B, C, U)
-    P = log_post.exp().mean(1)  # (B, U)
-    return (P.pow(2).sum(-1) * P.shape[-1]).mean()
-
-
-def decorrelation(x, y):
-    """mean squared off-diagonal correlation of the filters' peak scores over the batch's category images."""
-    s = x[y == 1].flatten(2).amax(-1)  # (B, C)
-    if s.shape[0] < 3:
-        return torch.zeros(())
-    z = (s - s.mean(0)) / (s.std(0) + 1e-3)
-    corr = z.t() @ z / (s.shape[0] - 1)
-    c = corr.shape[0]
-    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (c * (c - 1))
 
 
 def diversity(x, y):
@@ -211,14 +192,10 @@ for ep in range(1, args.epochs + 1):
         fl = sum((fls[k](relu[k], y) for k in fls), torch.zeros(()))
         if args.div:
             fl = fl + args.div * sum(diversity(relu[k], y) for k in args.div_layers.split(","))
-        if args.decor:
-            fl = fl + args.decor * sum(decorrelation(relu[k], y) for k in args.div_layers.split(","))
-        if args.div_post:
-            fl = fl + args.div_post * sum(post_collision(fls[k], relu[k], y) for k in args.div_layers.split(","))
         if not torch.isfinite(loss + fl):
             raise SystemExit(f"non-finite at ep {ep}")
         opt.zero_grad(); (loss + fl).backward(); opt.step()
-        tot["task"] += loss.item(); tot["f"] += float(fl); tot["acc"] += ((logit > 0).long() == y).float().mean().item(); nb += 1
+        tot["task"] += loss.item(); tot["f"] += float(fl.detach()); tot["acc"] += ((logit > 0).long() == y).float().mean().item(); nb += 1
     sched.step()
     diag = {k: {kk: round(v, 3) for kk, v in f.diagnostics().items() if kk in ("spatial_entropy", "silent_fraction", "mean_max")} for k, f in fls.items()}
     print(f"ep{ep} task {tot['task']/nb:.4f} acc {tot['acc']/nb:.3f} floss {tot['f']/nb:.4g} {diag} {time.time()-t0:.0f}s", flush=True)
@@ -248,7 +225,8 @@ with torch.no_grad():
         r = inst.compute(categories=torch.ones(1280, dtype=torch.long) if interp else None)
         refs = inst.references(ctr.reshape(hh, ww, 2), draws=5)
         c = col.compute()
-        res[layer] = {"instab": r.score, "firing": r.score_firing, "random": refs.random, "fixed": refs.fixed,
+        res[layer] = {"instab": r.score, "firing": r.score_firing, "random": refs.random, "fixed": refs.fixed, "landmark": refs.best_landmark_unit,
+                      "landmark_mean": refs.mean_landmark_unit,
                       "silent": float(r.silent_fraction.mean()),
                       "per_lm": dict(zip(["head", "back", "tail"], [round(v, 4) for v in torch.nanmean(r.per_filter_landmark, 0).tolist()])),
                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.summary().items()}}

@@ -140,6 +140,7 @@ class MetricSuite:
     def __init__(self, dataset, geometry, cfg: EvalConfig, *, interpretable: bool, single: bool):
         self.cfg, self.geometry = cfg, geometry
         self.n, self.nc = len(dataset), len(dataset.classes)
+        self.class_names = [str(c) for c in dataset.classes]
         self.image_hw = tuple(dataset.image_size)
         self.landmark_names = list(getattr(dataset, "landmark_names", []))
         self.part_names = list(getattr(dataset, "part_names", []))
@@ -230,7 +231,13 @@ class MetricSuite:
             m["landmark_names"] = list(self.landmark_names)
             m["instability_per_landmark"] = dict(zip(self.landmark_names, torch.nanmean(res.per_filter_landmark, 0).tolist()))
             m["instability_references_per_landmark"] = {k: dict(zip(self.landmark_names, v)) for k, v in refs.per_landmark().items()}
+            m["instability_landmark_units"] = dict(zip(self.landmark_names, refs.landmark_unit.tolist()))
             per_filter["location_instability"] = res.per_filter.tolist()
+            if not self.single:  # paper §5.2.2: both readings, whichever the twin, so twins compare on each
+                m["location_instability_min_class"] = res.score if not self.interpretable else self.inst.compute().score
+                m["location_instability_assigned"] = res.score if self.interpretable else self.inst.compute(categories).score
+        if not self.single:
+            m["filters_per_category"] = dict(zip(self.class_names, torch.bincount(categories, minlength=self.nc).tolist()))
         m["collapse"] = self.collapse.compute(categories).summary()
         art: dict = {"density": self.density.numpy(), "top_images": self.top_index.tolist(), "top_scores": self.top_score.tolist(),
                      "top_maps": self.top_maps}  # fmt: skip

@@ -113,3 +113,15 @@ def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):
 
     assert {k: v for k, v in cfg.filter_loss.items() if k != "warmup_epochs"} == RECIPE["filter_loss"]
     assert cfg.root == str(tmp_path / "cub") and cfg.negatives_root == str(tmp_path / "neg")
+
+
+def test_the_recipe_caps_negatives_of_single_category_tasks_only(tmp_path):
+    # --task multi has no negatives: the recipe's max_negatives must not reach the dataset
+    from icnn.cli import build_parser
+    from icnn.cli.compare import build_config as compare_config
+
+    common = ["compare", "--dataset", "cub200", "--root", str(tmp_path / "cub"), "--out", str(tmp_path / "run")]
+    multi = compare_config(build_parser().parse_args([*common, "--task", "multi"]))
+    single = compare_config(build_parser().parse_args([*common, "--negatives", str(tmp_path / "neg")]))
+    assert multi.task == "multi" and multi.dataset_kwargs == {}
+    assert single.dataset_kwargs == {"max_negatives": 300}

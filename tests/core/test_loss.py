@@ -161,6 +161,18 @@ def test_targets_assigned_from_running_class_means():
     assert fixed.targets().tolist() == [2, 1]
 
 
+def test_even_categories_split_the_filters_over_the_classes_and_stay_fixed():
+    fl = FilterLoss(5, 3, (2, 2), lambda_=1.0, categories="even")
+    assert fl.targets().tolist() == [0, 1, 2, 0, 1]
+    x = torch.zeros(3, 5, 2, 2)
+    x[2] = 1.0  # class 2 activates every filter: the online rule would give them all class 2
+    fl(x, torch.tensor([0, 1, 2]))
+    assert fl.targets().tolist() == [0, 1, 2, 0, 1]
+    assert FilterLoss(4, 3, (2, 2), negative_class=0, categories="even").targets().tolist() == [1, 2, 1, 2]
+    with pytest.raises(ValueError, match="categories must be one of"):
+        FilterLoss(4, 3, (2, 2), categories="balanced")
+
+
 def test_lambda_schedules():
     x = torch.zeros(2, 1, 2, 2)
     x[0, 0, 0, 0] = 4.0

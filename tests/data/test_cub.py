@@ -183,3 +183,16 @@ def test_real_cub_subset():
     assert paper.landmark_names == ["head", "back", "tail"]
     lm = torch.stack([paper[k]["landmarks"] for k in range(20)])
     assert (~torch.isnan(lm[:, 0, 0])).sum() >= 15  # the head is visible on most birds
+
+
+def test_species_classes_are_those_the_images_show(tmp_path):
+    # classes.txt lists 3 species, the images show 001 and 003 (as the first-10 subset of the
+    # full 200): the head is made for those two, labels index them, the same on both splits
+    root = write_cub(tmp_path / "CUB_200_2011")
+    (root / "classes.txt").write_text("1 001.A\n2 002.B\n3 003.C\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 1\n3 3\n")
+    train, test = CUB200(root, split="train"), CUB200(root, split="test")
+    assert train.classes == test.classes == ["001.A", "003.C"]
+    assert [train[i]["label"].item() for i in range(2)] == [0, 1] and test[0]["label"].item() == 0
+    only_c = CUB200(root, split="train", species="3")
+    assert only_c.classes == ["003.C"] and len(only_c) == 1 and only_c[0]["label"].item() == 0

@@ -377,3 +377,103 @@ def test_random_reference_close_to_independent_estimate():
     ])
     assert ref.random == pytest.approx(est, rel=0.02)
     assert ref.fixed < ref.random
+
+
+# --------------------------------------------------------------------------- landmark units (exact part detectors)
+def test_landmark_unit_reference_by_hand():
+    # units centred at 5, 15, 25 on a 30 x 30 image (diagonal 30 sqrt 2); landmarks A and B
+    ctr = as_unit_centers(SimpleNamespace(stride=(10, 10), offset=(4.5, 4.5)), 3, 3)
+    lm = torch.tensor([[[6.0, 4.0], [25.0, 25.0]], [[14.0, 16.0], [25.0, 5.0]]], dtype=torch.float64)
+    ref = instability_references(lm, None, (30, 30), ctr, draws=2)
+    # A's detector at (5, 5) then (15, 15): sqrt 2 from A both times (D_AA = 0); B at 20 sqrt 2 and
+    # 10 sqrt 2, so D_AB = std(2/3, 1/3) = 1/6
+    assert float(ref.landmark_unit[0]) == pytest.approx((0 + 1 / 6) / 2, rel=1e-12)
+    # B's detector at (25, 25) then (25, 5): D_BB = 0, A at sqrt 802 and sqrt 242
+    d_ba = abs(math.sqrt(802) - math.sqrt(242)) / (30 * math.sqrt(2)) / 2
+    assert float(ref.landmark_unit[1]) == pytest.approx(d_ba / 2, rel=1e-12)
+    assert ref.best_landmark_unit == pytest.approx(d_ba / 2, rel=1e-12)
+    assert ref.mean_landmark_unit == pytest.approx((1 / 12 + d_ba / 2) / 2, rel=1e-12)
+    assert {"best_landmark_unit", "mean_landmark_unit"} <= set(ref.summary())
+
+
+def brute_landmark_unit(landmarks, labels, hw, ctr, nc, categories=None):
+    """Loops: for each landmark j, a filter at the unit nearest j on the images showing j."""
+    landmarks, labels, ctr = np.asarray(landmarks), np.asarray(labels), np.asarray(ctr).reshape(-1, 2)
+    diag = math.sqrt(hw[0] ** 2 + hw[1] ** 2)
+    n, k = landmarks.shape[:2]
+    out = []
+    for j in range(k):
+        per_class = []
+        for cls in range(nc):
+            ds = []
+            for kk in range(k):
+                imgs = [i for i in range(n) if labels[i] == cls and not np.isnan(landmarks[i, kk]).any()
+                        and not np.isnan(landmarks[i, j]).any()]  # fmt: skip
+                if len(imgs) >= 2:
+                    at = [ctr[np.argmin(((ctr - landmarks[i, j]) ** 2).sum(-1))] for i in imgs]
+                    ds.append(np.std([np.linalg.norm(landmarks[i, kk] - a) / diag for i, a in zip(imgs, at)]))
+            per_class.append(np.mean(ds) if ds else np.nan)
+        per_class = np.array(per_class)
+        if categories is None:
+            out.append(np.nanmin(per_class) if not np.isnan(per_class).all() else np.nan)
+        else:
+            out.append(np.nanmean(per_class[np.asarray(categories)]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_landmark_unit_reference_matches_brute_force(seed):
+    _, _, landmarks, labels = random_stream(20 + seed, n=30)
+    ctr = grid_centers(3, 4, stride=8, offset=1)
+    ref = instability_references(landmarks, labels, (40, 30), ctr, num_classes=2, draws=2, chunk_elements=50)
+    np.testing.assert_allclose(ref.landmark_unit.numpy(), brute_landmark_unit(landmarks, labels, (40, 30), ctr, 2), rtol=1e-12)
+    cats = torch.tensor([0, 1, 1])
+    ref_c = instability_references(landmarks, labels, (40, 30), ctr, num_classes=2, draws=2, categories=cats)
+    np.testing.assert_allclose(ref_c.landmark_unit.numpy(), brute_landmark_unit(landmarks, labels, (40, 30), ctr, 2, cats),
+                               rtol=1e-12)  # fmt: skip
+
+
+def test_landmark_unit_reference_is_the_stream_figure_of_a_filter_on_the_landmark():
+    # every landmark present: the detector is a filter whose argmax is the landmark's unit, scores
+    # tied, top_k = all images -> LocationInstability gives the same figure
+    g = torch.Generator().manual_seed(3)
+    n, k = 17, 3
+    lm = torch.rand(n, k, 2, generator=g, dtype=torch.float64) * 32
+    ctr = grid_centers(4, 4, stride=8)
+    near = ((lm[:, :, None] - ctr.reshape(1, 1, 16, 2)) ** 2).sum(-1).argmin(-1)  # (n, K)
+    li = LocationInstability(k, k, top_k=n)
+    li.update(torch.ones(n, k), ctr.reshape(16, 2)[near], lm, None, (32, 32))
+    ref = li.references(ctr, draws=2)
+    np.testing.assert_allclose(ref.landmark_unit.numpy(), li.compute().per_filter.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("interpretable", [False, True])
+def test_multi_category_evaluation_reports_both_readings_and_the_filters_per_category(interpretable):
+    # paper §5.2.2: min over classes (ordinary nets) and each filter's category (interpretable
+    # ones); a multi-category evaluation gives both, whichever the twin, and the filters per category
+    from icnn.data import build_dataset
+    from icnn.evaluate import EvalConfig, MetricSuite, evaluate
+    from icnn.metrics.receptive_field import layer_geometry
+    from icnn.models import build_model
+
+    torch.manual_seed(0)
+    data = build_dataset("synthetic", split="test", task="multi", image_size=32, num_samples=16)
+    net = build_model("small_cnn", num_classes=len(data.classes), interpretable=interpretable, image_size=32)
+    cfg = EvalConfig(device="cpu", progress=False, batch_size=5)
+    m = evaluate(net, data, cfg).metrics
+    suite = MetricSuite(data, layer_geometry(net, "new"), cfg, interpretable=interpretable, single=False)
+    net.eval()
+    with torch.no_grad():
+        for s in range(0, len(data), 5):
+            batch = torch.utils.data.default_collate([data[i] for i in range(s, min(s + 5, len(data)))])
+            feats = net.forward_features(batch["image"])
+            suite.update(feats.masked["new"], batch, feats.relu["new"])
+    suite.compute()
+    cats = suite.categories()
+    assert m["location_instability_min_class"] == pytest.approx(suite.inst.compute().score, rel=1e-12)
+    assert m["location_instability_assigned"] == pytest.approx(suite.inst.compute(cats).score, rel=1e-12)
+    assert m["location_instability"] == m["location_instability_assigned" if interpretable else "location_instability_min_class"]
+    assert m["location_instability_min_class"] <= m["location_instability_assigned"] + 1e-12  # a min is never above a pick
+    shares = m["filters_per_category"]
+    assert list(shares) == [str(c) for c in data.classes] and sum(shares.values()) == net.layers["new"].body.conv.out_channels
+    assert [shares[str(c)] for c in data.classes] == torch.bincount(cats, minlength=len(data.classes)).tolist()

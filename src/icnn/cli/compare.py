@@ -81,7 +81,9 @@ def build_config(args: argparse.Namespace):
     file_values, file = config_file(args)
     flags = train_flags(args)
     dataset = flags.get("dataset", file_values.get("dataset", TrainConfig.dataset))
-    kwargs = SYNTHETIC_KWARGS if dataset == "synthetic" else RECIPE["dataset_kwargs"]
+    task = flags.get("task", file_values.get("task", TrainConfig.task))
+    # the recipe caps the negatives of a single-category task; a multi-category one has none
+    kwargs = SYNTHETIC_KWARGS if dataset == "synthetic" else RECIPE["dataset_kwargs"] if task == "single" else {}
     base = {**RECIPE, "out": "runs/compare", "dataset_kwargs": dict(kwargs)}
     return build(TrainConfig, flags=flags, file_values=file_values, file=file, base=base)
 

@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     if metrics is not None:
         li = metrics["location_instability"]
         line += (f"; location instability: nodes {li['nodes']:.4f}, raw filters {li['raw_filters']:.4f} ({li['ratio']:.2f}x), "
-                 f"random unit {li['random_unit']:.4f}, best fixed unit {li['best_fixed_unit']:.4f}")  # fmt: skip
+                 f"random unit {li['random_unit']:.4f}, best fixed unit {li['best_fixed_unit']:.4f}, "
+                 f"best landmark unit {li['best_landmark_unit']:.4f}")  # fmt: skip
     print(line)
     print(f"wrote {out / 'graph'}, {out / 'metrics.json'} and {out / 'report.html'}")
     return 0

@@ -25,8 +25,9 @@ neither is visible). ``back`` and ``tail`` are CUB's parts of those names.
 ``landmarks="all"`` gives CUB's 15 parts under their own names. CUB has no part masks
 (``part_names == []``).
 
-Labels: ``labels="species"`` (multi-category: ``classes`` = the names in ``classes.txt``, label =
-class id - 1) or ``labels="bird"`` (single-category: every image is the one class ``"bird"``,
+Labels: ``labels="species"`` (multi-category: ``classes`` = the names in ``classes.txt`` of the
+species that ``images.txt`` shows, in class-id order, after ``species``; label = the index in that
+list: the full dataset's 200, the first-10 subset's 10) or ``labels="bird"`` (single-category: every image is the one class ``"bird"``,
 paper §5.1: species ignored).
 """
 
@@ -91,7 +92,8 @@ class CUB200(PartDataset):
     Args:
         root: the ``CUB_200_2011`` folder (or its parent).
         split: ``"train"``, ``"test"`` (official split) or None for all images.
-        labels: ``"species"`` (200 classes) or ``"bird"`` (one class).
+        labels: ``"species"`` (the species the images show: 200 on the full dataset) or ``"bird"``
+            (one class).
         landmarks: ``"paper"`` (head, back, tail) or ``"all"`` (CUB's 15 parts).
         image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
         species: keep only these species (class ids of ``classes.txt``, 1-based): a list, or a
@@ -169,6 +171,14 @@ class CUB200(PartDataset):
             names = [part_names[pid] for pid in part_ids]
 
         keep = None if species_ids is None else parse_ids(species_ids, len(species))
+        # the species the images show (either split, after ``species``): a class no image shows can
+        # be neither learnt nor scored, so a subset of CUB gets a head of its own species only
+        class_of = {i: parse_number(image_labels[i][0], p_labels, f"image {i}", int) for i in sorted(images)}
+        for img_id, cls in class_of.items():
+            if not 1 <= cls <= len(species):
+                raise DatasetError(f"{p_labels}: image {img_id}: class id {cls} is not in classes.txt")
+        shown = sorted(c for c in set(class_of.values()) if keep is None or c in keep)
+        label_of = {c: i for i, c in enumerate(shown)}
         records = []
         for img_id in sorted(images):
             flag = parse_number(is_train[img_id][0], p_split, f"image {img_id}", int)
@@ -176,9 +186,7 @@ class CUB200(PartDataset):
                 raise DatasetError(f"{p_split}: image {img_id}: is_training_image must be 0 or 1, got {flag}")
             if split is not None and (flag == 1) != (split == "train"):
                 continue
-            cls = parse_number(image_labels[img_id][0], p_labels, f"image {img_id}", int)
-            if not 1 <= cls <= len(species):
-                raise DatasetError(f"{p_labels}: image {img_id}: class id {cls} is not in classes.txt")
+            cls = class_of[img_id]
             if keep is not None and cls not in keep:
                 continue
             x, y, w, h = (parse_number(v, p_boxes, f"image {img_id}") for v in boxes[img_id])
@@ -196,7 +204,7 @@ class CUB200(PartDataset):
             records.append(
                 Record(
                     path=root / "images" / rel,
-                    label=cls - 1 if labels == "species" else 0,
+                    label=label_of[cls] if labels == "species" else 0,
                     box=(x, y, x + w, y + h),
                     landmarks=lm,
                     key=f"{root / 'images' / rel} (image id {img_id})",
@@ -205,7 +213,7 @@ class CUB200(PartDataset):
             )
         super().__init__(
             records,
-            classes=species if labels == "species" else ["bird"],
+            classes=[species[c - 1] for c in shown] if labels == "species" else ["bird"],
             landmark_names=names,
             part_names=[],
             image_size=image_size,

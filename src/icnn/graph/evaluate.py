@@ -95,8 +95,9 @@ def location_instability(nodes: list[Match], raw: list[Match], features: Feature
         graph_d, raw_d = (_layer_instability(m, info, marks, names, features.image_hw, top_units, top_images)
                           for m in (nodes[l], raw[l]))  # fmt: skip
         rows.append({"layer": info.name, "nodes": graph_d, "raw_filters": raw_d, "random_unit": refs.random,
-                     "best_fixed_unit": refs.fixed})  # fmt: skip
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("nodes", "raw_filters", "random_unit", "best_fixed_unit")}
+                     "best_fixed_unit": refs.fixed, "best_landmark_unit": refs.best_landmark_unit})  # fmt: skip
+    keys = ("nodes", "raw_filters", "random_unit", "best_fixed_unit", "best_landmark_unit")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"layers": rows, **mean, "ratio": mean["nodes"] / mean["raw_filters"], "top_units": top_units,
             "top_images": top_images, "landmarks": names}  # fmt: skip
 

@@ -54,6 +54,7 @@ P_X = ("footnote", "exact")
 MAP_NORMS = ("none", "batch")
 WEIGHT_SIGNS = ("paper", "target", "negatives")
 WEIGHT_MAGS = ("paper", "likelihood", "uniform")
+CATEGORY_RULES = ("activation", "even")
 _LOG_WEIGHT_CAP = 80.0  # log of the largest Eq. 4 weight let through in float32 (exp(80) ~ 5.5e34)
 
 
@@ -80,11 +81,12 @@ class FilterLossConfig:
     sharpness: float = 1.0  # with map_norm=batch: templates are sharpness * shape (replaces tau)
     diversity: float = 0.0  # weight of the filters' competition for positions (collision of their posteriors; 0: the paper)
     decorrelation: float = 0.0  # weight of the decorrelation of the filters' peak responses over their category's images (0: the paper)
+    categories: str = "activation"  # each filter's category: activation (§3.1, the class activating it most, online) or even (f mod K, fixed)
 
     def __post_init__(self):
         choices = {"mode": MODES, "schedule": SCHEDULES, "weight_norm": WEIGHT_NORMS, "z_estimate": Z_ESTIMATES,
                    "z_scope": Z_SCOPES, "p_x": P_X, "distance": DISTANCES, "map_norm": MAP_NORMS,
-                   "weight_sign": WEIGHT_SIGNS, "weight_mag": WEIGHT_MAGS}  # fmt: skip
+                   "weight_sign": WEIGHT_SIGNS, "weight_mag": WEIGHT_MAGS, "categories": CATEGORY_RULES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -211,6 +213,9 @@ class FilterLoss(nn.Module):
         # derived from the config, not state: not saved
         self.register_buffer("templates", part_templates(h, w, tau=tau, beta=cfg.beta, distance=cfg.distance), persistent=False)
         self.register_buffer("log_prior", template_priors(h, w, alpha=alpha).log().float(), persistent=False)
+        if cfg.categories == "even" and target_classes is None:  # as many filters per class, fixed from the start
+            classes = torch.tensor([c for c in range(self.num_classes) if c != negative_class])
+            target_classes = classes[torch.arange(self.num_filters) % len(classes)]
         self.stats = FilterStatistics(num_filters, h * w + 1, num_classes, negative_class=negative_class, target_classes=target_classes)
         self._diag: dict[str, float] = {}
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -28,7 +28,8 @@ Choices that the paper leaves open, fixed here:
   silent maps pinned to unit (0, 0) are moving the figure.
 
 Reference points (SPEC §5): ``instability_references`` gives the same statistic for a filter firing
-at a uniformly random unit (seeded Monte-Carlo) and for the best fixed unit of the map.
+at a uniformly random unit (seeded Monte-Carlo) and for the best fixed unit of the map, and, as a
+floor, for a filter that fires at the unit of one landmark on every image (an exact part detector).
 """
 
 from __future__ import annotations
@@ -342,7 +343,8 @@ class LocationInstability:
 
 @dataclass
 class InstabilityReferences:
-    """Reference points for an instability figure (SPEC §5): random unit and best fixed unit."""
+    """Reference points for an instability figure (SPEC §5): random unit and best fixed unit, and
+    the floor of a filter that follows a landmark exactly (``landmark_unit``)."""
 
     random: float  # mean over draws of [min_c] mean_k D for a filter firing at a random unit
     random_std: float  # spread of that statistic over the draws
@@ -355,9 +357,24 @@ class InstabilityReferences:
     fixed_per_landmark: torch.Tensor | None = None  # (K,) the best fixed unit of each landmark alone
     draws: int = 0
     seed: int = 0
+    landmark_unit: torch.Tensor | None = None  # (K,) [min_c] mean_k D of the detector of each landmark
+
+    @property
+    def best_landmark_unit(self) -> float:
+        """The lowest figure of a filter that follows one landmark exactly (NaN: none annotated)."""
+        v = self.landmark_unit[~torch.isnan(self.landmark_unit)]
+        return float(v.min()) if len(v) else float("nan")
+
+    @property
+    def mean_landmark_unit(self) -> float:
+        """The figure of a layer of exact landmark detectors, as many on each landmark."""
+        return float(torch.nanmean(self.landmark_unit))
 
     def summary(self) -> dict:
-        return {"random_unit": self.random, "random_unit_std": self.random_std, "best_fixed_unit": self.fixed}
+        out = {"random_unit": self.random, "random_unit_std": self.random_std, "best_fixed_unit": self.fixed}
+        if self.landmark_unit is not None:
+            out |= {"best_landmark_unit": self.best_landmark_unit, "mean_landmark_unit": self.mean_landmark_unit}
+        return out
 
     def per_landmark(self) -> dict:
         """``{"random_unit": [K], "best_fixed_unit": [K]}``: each landmark's own references (the
@@ -381,13 +398,21 @@ def instability_references(
     categories: torch.Tensor | None = None,
     chunk_elements: int = 8_000_000,
 ) -> InstabilityReferences:
-    """Location instability of two image-blind filters on the same images (SPEC §5).
+    """Location instability of two image-blind filters, and of exact landmark detectors, on the
+    same images (SPEC §5).
 
     - **random unit**: on every image the filter fires at a uniformly random unit with a random
       score, so its top-``top_k`` images per (class, landmark) are a uniformly random subset of the
       annotated ones. Estimated by Monte-Carlo over ``draws`` such filters (a ``torch.Generator``
       seeded with ``seed``: deterministic); the value is what ``LocationInstability`` would report for
       a layer made of them: ``mean_draws [min_c] mean_{k in Part_c} D``.
+    - **landmark unit**: the detector of landmark ``j`` fires, on every image showing ``j``, at the
+      unit nearest to ``j``, with a constant score (all those images, or the first
+      ``fixed_top_k``). It is a perfect part detector on this grid: its ``D_jj`` is the rounding to
+      units alone, its ``D_jk`` how far landmark ``k`` moves about ``j``. ``landmark_unit (K,)``
+      holds each detector's figure, ``best_landmark_unit`` the lowest. A filter goes below it only
+      by following a point steadier than any landmark (one between them) or by the images it
+      picks (its top ``top_k``).
     - **best fixed unit**: a filter that always fires at unit ``u`` with a constant score. Its
       scores all tie, so "top-100" is not defined by the scores; we use **all** annotated images
       of the class (``fixed_top_k=None``, the filter's spread on the whole set - independent of
@@ -453,18 +478,24 @@ def instability_references(
     wts = valid.clone()
     if fixed_top_k is not None:  # the first fixed_top_k annotated images in dataset order
         wts &= valid.long().cumsum(0) <= fixed_top_k
-    wf = wts.to(torch.float64)
-    cnt = wf.sum(0)  # (NC, K)
     all_rows = torch.arange(n)
+
+    def spread(d: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Distances ``d (X, N, K)`` of X constant-score filters -> their D ``(X, NC, K)``: the
+        population std over the images ``weights (N, NC, K)`` selects, NaN under 2 images."""
+        wf = weights.to(torch.float64)
+        cnt = wf.sum(0)  # (NC, K)
+        d = torch.nan_to_num(d, nan=0.0)
+        mean = torch.einsum("unk,nck->uck", d, wf) / cnt.clamp_min(1)  # (X, NC, K)
+        dev = d - mean[:, labels, :]  # each image against its own class's mean
+        var = torch.einsum("unk,nck->uck", dev.pow(2), wf) / cnt.clamp_min(1)
+        return torch.where(cnt >= 2, var.sqrt(), torch.full_like(var, float("nan")))
+
     step = max(1, chunk_elements // max(1, n * k))
     chunks = []
     for start in range(0, h * w, step):  # chunks of units bound the memory; vectorised inside
         u = torch.arange(start, min(start + step, h * w))
-        d = torch.nan_to_num(dist_to(u[:, None].expand(-1, n), all_rows), nan=0.0)  # (u, N, K)
-        mean = torch.einsum("unk,nck->uck", d, wf) / cnt.clamp_min(1)  # (u, NC, K)
-        dev = d - mean[:, labels, :]  # each image against its own class's mean
-        var = torch.einsum("unk,nck->uck", dev.pow(2), wf) / cnt.clamp_min(1)
-        chunks.append(torch.where(cnt >= 2, var.sqrt(), torch.full_like(var, float("nan"))))
+        chunks.append(spread(dist_to(u[:, None].expand(-1, n), all_rows), wts))
     d_uck = torch.cat(chunks)  # (U, NC, K)
     fixed_class, fixed_min, _ = _class_scores(d_uck, parts, None)  # (U, NC), (U,)
     fixed_per_landmark = _nanmin(per_k(d_uck), dim=0)[0]  # (K,)
@@ -475,6 +506,26 @@ def instability_references(
         fixed = torch.nanmean(fixed_per_class[categories])
         best = best_per_class[torch.bincount(categories, minlength=num_classes).argmax()]
     fixed, best = float(fixed), int(best)
+
+    # --- landmark units: the detector of landmark j fires, on every image showing j, at the unit
+    # nearest to j (a constant score: all those images, as the fixed unit's), so its D_jj is the
+    # grid's rounding alone and its D_jk (k != j) how far k moves about j: the floor of a filter
+    # that follows landmark j exactly
+    lm_units = torch.zeros(n, k, dtype=torch.long)
+    filled = torch.nan_to_num(landmarks, nan=0.0)
+    rows_step = max(1, chunk_elements // max(1, k * h * w))
+    for start in range(0, n, rows_step):  # chunks of images bound the memory
+        sl = slice(start, start + rows_step)
+        lm_units[sl] = (filled[sl, :, None, :] - ctr[None, None]).pow(2).sum(-1).argmin(-1)  # (n', K)
+    at_unit = ctr[lm_units]  # (N, J=K, 2)
+    d_jnk = (landmarks[:, None] - at_unit[:, :, None]).pow(2).sum(-1).sqrt() / diag[:, None, None]  # (N, J, K)
+    d_jnk = d_jnk.permute(1, 0, 2)  # (J, N, K)
+    showing = valid[None] & present.t()[:, :, None, None]  # (J, N, NC, K): images showing j
+    if fixed_top_k is not None:
+        showing &= showing.long().cumsum(1) <= fixed_top_k
+    d_jck = torch.cat([spread(d_jnk[j : j + 1], showing[j]) for j in range(k)])  # (J, NC, K); J is small
+    det_class, det_min, _ = _class_scores(d_jck, parts, None)  # (J, NC), (J,)
+    landmark_unit = det_min if categories is None else det_class[:, categories].nanmean(dim=1)  # (J,)
     return InstabilityReferences(
         random=random,
         random_std=random_std,
@@ -487,4 +538,5 @@ def instability_references(
         fixed_per_landmark=fixed_per_landmark,
         draws=draws,
         seed=int(seed),
+        landmark_unit=landmark_unit,
     )

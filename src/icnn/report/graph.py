@@ -121,9 +121,10 @@ def graph_section(graph, features, dataset, metrics: dict | None = None, *, node
     tables = []
     if metrics:
         li, pl = metrics["location_instability"], metrics["part_localisation"]
-        rows = [[r["layer"], r["nodes"], r["raw_filters"], r["random_unit"], r["best_fixed_unit"]] for r in li["layers"]]
-        rows.append(["mean", li["nodes"], li["raw_filters"], li["random_unit"], li["best_fixed_unit"]])
-        tables.append(Table(["layer", "graph nodes", "raw filters", "random unit", "best fixed unit"], rows,
+        keys = ("nodes", "raw_filters", "random_unit", "best_fixed_unit", "best_landmark_unit")
+        rows = [[r["layer"]] + [r.get(k, float("nan")) for k in keys] for r in li["layers"]]
+        rows.append(["mean"] + [li.get(k, float("nan")) for k in keys])
+        tables.append(Table(["layer", "graph nodes", "raw filters", "random unit", "best fixed unit", "best landmark unit"], rows,
                             f"location instability (top {li['top_units']} units per layer, top {li['top_images']} images; "
                             f"nodes / raw = {li['ratio']:.3f})"))  # fmt: skip
         tables.append(Table(["landmark", "graph nodes", "raw filters", "mean of the shots"],

@@ -19,8 +19,11 @@ from .html import Figure, Section, Table, comparison_section, write_report
 COMPARISON_KEYS = [
     "accuracy",
     "location_instability",
+    "location_instability_min_class",
+    "location_instability_assigned",
     "instability_references.random_unit",
     "instability_references.best_fixed_unit",
+    "instability_references.best_landmark_unit",
     "part_interpretability",
     "dissection.dissection_detectors",
     "dissection.dissection_unique_concepts",
@@ -90,8 +93,10 @@ def _filter_figures(name: str, model, dataset, result, layer: str, count: int, t
 def run_sections(name: str, model, dataset, result, *, layer: str = "new", panels: int = 4, top: int = 6) -> list[Section]:
     """Sections for one evaluated network: Fig. 4 panels, Fig. 5 top images, Fig. 6 part maps."""
     m = result.metrics
-    rows = [[k, m[k]] for k in ("accuracy", "location_instability", "location_instability_firing", "part_interpretability",
-                                "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
+    rows = [[k, m[k]] for k in ("accuracy", "location_instability", "location_instability_min_class", "location_instability_assigned",
+                                "location_instability_firing", "part_interpretability", "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
+    if "filters_per_category" in m:
+        rows.append(["filters per category", ", ".join(f"{c} {n}" for c, n in m["filters_per_category"].items())])
     for k, v in m.get("instability_references", {}).items():
         rows.append([f"instability reference: {k}", v])
     for k, v in m.get("part_interpretability_references", {}).items():
@@ -100,6 +105,8 @@ def run_sections(name: str, model, dataset, result, *, layer: str = "new", panel
     for k, v in m.get("instability_per_landmark", {}).items():
         refs = [f"{r.replace('_', ' ')} {per_ref[r][k]:.4f}" for r in ("random_unit", "best_fixed_unit") if k in per_ref.get(r, {})]
         rows.append([f"instability, {k}" + (f" ({', '.join(refs)})" if refs else ""), v])
+    for k, v in m.get("instability_landmark_units", {}).items():
+        rows.append([f"instability reference: a filter on the {k}'s unit on every image", v])
     for k, v in m.get("collapse", {}).items():
         rows.append([f"collapse: {k.replace('_', ' ')}", v if not isinstance(v, dict) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())])
     for k, v in m.get("part_interpretability_per_part", {}).items():
@@ -127,7 +134,8 @@ def _bars(runs: dict[str, dict]) -> list[Figure]:
     out = []
     first = next(iter(runs.values()))
     refs = first.get("instability_references", {})
-    references = {"random unit": refs.get("random_unit"), "best fixed unit": refs.get("best_fixed_unit")}
+    references = {"random unit": refs.get("random_unit"), "best fixed unit": refs.get("best_fixed_unit"),
+                  "best landmark unit": refs.get("best_landmark_unit")}
     references = {k: v for k, v in references.items() if v is not None}
     prefs = first.get("part_interpretability_references", {})
     part_refs = {k.replace("_", " "): v for k, v in prefs.items() if v == v} or None
