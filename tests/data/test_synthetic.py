@@ -263,9 +263,14 @@ def test_views_resample_exactly(seed, n, margin, r0, c0):
     lo, hi = world.render(scene, (n, n), view), world.render(scene, (3 * n, 3 * n), view)
     assert np.array_equal(lo["part_masks"], hi["part_masks"][:, 1::3, 1::3])
     np.testing.assert_allclose(lo["image"], hi["image"][:, 1::3, 1::3], atol=1e-6)
-    # landmarks agree up to the sampling: both are centroids of the same region
-    both = np.isfinite(lo["landmarks"][:, 0]) & (lo["part_masks"].sum((1, 2)) >= 4)
-    np.testing.assert_allclose(lo["landmarks"][both], hi["landmarks"][both] / 3, atol=1.5)
+    # each render's landmark is the centroid of its own mask's pixel centres (exactly), so with the
+    # masks resampling exactly the landmarks do too; a few pixels of a part in pieces (four legs)
+    # can put the two centroids more than a pixel apart, so they are not compared with each other
+    for r in (lo, hi):
+        for mask, lm in zip(r["part_masks"], r["landmarks"]):
+            ys, xs = np.nonzero(mask)
+            want = (xs.mean() + 0.5, ys.mean() + 0.5) if len(xs) else (np.nan, np.nan)
+            np.testing.assert_allclose(lm, want, rtol=0, atol=1e-9)
     np.testing.assert_allclose(lo["box"], hi["box"] / 3, atol=1e-4)
     full = world.render(scene, (48, 48))
     h = w = 24  # window [r0, r0 + 24) x [c0, c0 + 24) of the full 48 px render
