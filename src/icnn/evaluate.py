@@ -325,6 +325,10 @@ def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: to
         raise ValueError("evaluate: the dataset is empty")
     if cfg.layer not in model.layers:
         raise ValueError(f"evaluate: no layer {cfg.layer!r} (the network has {', '.join(model.layers)})")
+    if model.num_classes > 1 and model.num_classes != len(dataset.classes):
+        raise ValueError(f"evaluate: the network has {model.num_classes} outputs, the dataset {len(dataset.classes)} classes "
+                         f"({', '.join(map(str, dataset.classes[:3]))}{', ...' if len(dataset.classes) > 3 else ''}): "
+                         "evaluate it on the classes it was trained on")  # fmt: skip
     device = resolve_device(cfg.device)
     was_training = model.training
     model.eval().to(device)

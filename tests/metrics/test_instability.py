@@ -477,3 +477,14 @@ def test_multi_category_evaluation_reports_both_readings_and_the_filters_per_cat
     shares = m["filters_per_category"]
     assert list(shares) == [str(c) for c in data.classes] and sum(shares.values()) == net.layers["new"].body.conv.out_channels
     assert [shares[str(c)] for c in data.classes] == torch.bincount(cats, minlength=len(data.classes)).tolist()
+
+
+def test_evaluate_names_a_head_that_does_not_match_the_classes():
+    from icnn.data import build_dataset
+    from icnn.evaluate import EvalConfig, evaluate
+    from icnn.models import build_model
+
+    data = build_dataset("synthetic", split="test", task="multi", image_size=32, num_samples=4)
+    net = build_model("small_cnn", num_classes=len(data.classes) + 3, image_size=32)
+    with pytest.raises(ValueError, match=f"{len(data.classes) + 3} outputs, the dataset {len(data.classes)} classes"):
+        evaluate(net, data, EvalConfig(device="cpu", progress=False))
