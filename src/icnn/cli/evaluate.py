@@ -104,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_line(name: str, m: dict) -> str:
+    from icnn.metrics.instability import references_text
+
     parts = [f"{name}: accuracy {m['accuracy']:.4f}"]
     if "location_instability" in m:
-        r = m["instability_references"]
-        floor = f", best landmark unit {r['best_landmark_unit']:.4f}" if "best_landmark_unit" in r else ""
-        parts.append(f"location instability {m['location_instability']:.4f} (random unit {r['random_unit']:.4f}, "
-                     f"best fixed unit {r['best_fixed_unit']:.4f}{floor})")  # fmt: skip
+        parts.append(f"location instability {m['location_instability']:.4f} ({references_text(m['instability_references'])})")
         parts[-1] += silent_note(m.get("silent_in_top", 0.0), m.get("location_instability_firing"))
     col = m.get("collapse")
     if col:

@@ -193,12 +193,13 @@ def run(args: argparse.Namespace) -> int:
                  meta={"network": settings["checkpoint"] or f"{cfg.arch} ({cfg.weights or 'random init'})",
                        "dataset": f"{cfg.dataset} ({args.split})", "images": store.num_images,
                        "layers": ", ".join(layers)})  # fmt: skip
+    from icnn.metrics.instability import references_text
+
     line = f"graph: {sum(nodes)} nodes on {len(nodes)} layers, {store.num_images} images"
     if metrics is not None:
         li = metrics["location_instability"]
         line += (f"; location instability: nodes {li['nodes']:.4f}, raw filters {li['raw_filters']:.4f} ({li['ratio']:.2f}x), "
-                 f"random unit {li['random_unit']:.4f}, best fixed unit {li['best_fixed_unit']:.4f}, "
-                 f"best landmark unit {li['best_landmark_unit']:.4f}")  # fmt: skip
+                 f"{references_text(li)}")  # fmt: skip
     print(line)
     print(f"wrote {out / 'graph'}, {out / 'metrics.json'} and {out / 'report.html'}")
     return 0

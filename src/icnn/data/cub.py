@@ -27,8 +27,8 @@ neither is visible). ``back`` and ``tail`` are CUB's parts of those names.
 
 Labels: ``labels="species"`` (multi-category: ``classes`` = the names in ``classes.txt`` of the
 species that ``images.txt`` shows, in class-id order, after ``species``; label = the index in that
-list: the full dataset's 200, the first-10 subset's 10) or ``labels="bird"`` (single-category: every image is the one class ``"bird"``,
-paper §5.1: species ignored).
+list: the full dataset's 200, the first-10 subset's 10) or ``labels="bird"`` (single-category:
+every image is the one class ``"bird"``, paper §5.1: species ignored).
 """
 
 from __future__ import annotations

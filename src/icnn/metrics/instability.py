@@ -341,6 +341,15 @@ class LocationInstability:
         )
 
 
+REFERENCE_NAMES = {"random_unit": "random unit", "best_fixed_unit": "best fixed unit", "best_landmark_unit": "best landmark unit"}
+
+
+def references_text(refs: dict, digits: int = 4) -> str:
+    """``random unit .., best fixed unit .., best landmark unit ..`` for those of the references in
+    ``refs`` (an ``InstabilityReferences.summary()``, or any dict with its keys)."""
+    return ", ".join(f"{name} {refs[key]:.{digits}f}" for key, name in REFERENCE_NAMES.items() if key in refs)
+
+
 @dataclass
 class InstabilityReferences:
     """Reference points for an instability figure (SPEC §5): random unit and best fixed unit, and
@@ -475,9 +484,12 @@ def instability_references(
     random_std = float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0
 
     # --- fixed units: weights (N, NC, K) select the images each statistic uses
-    wts = valid.clone()
-    if fixed_top_k is not None:  # the first fixed_top_k annotated images in dataset order
-        wts &= valid.long().cumsum(0) <= fixed_top_k
+    def constant_score_images(usable: torch.Tensor) -> torch.Tensor:
+        """The images ``(N, NC, K)`` a constant-score filter's D uses: every usable one, or the
+        first ``fixed_top_k`` in dataset order (what the stream's tie rule would keep)."""
+        return usable if fixed_top_k is None else usable & (usable.long().cumsum(0) <= fixed_top_k)
+
+    wts = constant_score_images(valid)
     all_rows = torch.arange(n)
 
     def spread(d: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -520,10 +532,8 @@ def instability_references(
     at_unit = ctr[lm_units]  # (N, J=K, 2)
     d_jnk = (landmarks[:, None] - at_unit[:, :, None]).pow(2).sum(-1).sqrt() / diag[:, None, None]  # (N, J, K)
     d_jnk = d_jnk.permute(1, 0, 2)  # (J, N, K)
-    showing = valid[None] & present.t()[:, :, None, None]  # (J, N, NC, K): images showing j
-    if fixed_top_k is not None:
-        showing &= showing.long().cumsum(1) <= fixed_top_k
-    d_jck = torch.cat([spread(d_jnk[j : j + 1], showing[j]) for j in range(k)])  # (J, NC, K); J is small
+    d_jck = torch.cat([spread(d_jnk[j : j + 1], constant_score_images(valid & present[:, j, None, None]))
+                       for j in range(k)])  # (J, NC, K): the images showing j; J is small  # fmt: skip
     det_class, det_min, _ = _class_scores(d_jck, parts, None)  # (J, NC), (J,)
     landmark_unit = det_min if categories is None else det_class[:, categories].nanmean(dim=1)  # (J,)
     return InstabilityReferences(

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..metrics.instability import references_text
 from .figures import filter_panel
 from .html import Figure, Section, Table, write_report
 
@@ -32,8 +33,7 @@ def summary_rows(m: dict) -> list[list]:
         if "location_instability" in v:
             refs = v["instability_references"]
             rows.append([f"location instability, {label}", v["location_instability"],
-                         (f"random unit {refs['random_unit']:.3f}, best fixed unit {refs['best_fixed_unit']:.3f}, "
-                          f"best landmark unit {refs.get('best_landmark_unit', float('nan')):.3f}")])  # fmt: skip
+                         references_text(refs, digits=3)])
             rows.append([f"share of its top images that were silent (firing only: {v['location_instability_firing']:.4f})",
                          v["silent_in_top"], "silent maps sit at unit (0, 0)"])  # fmt: skip
         col = v.get("collapse", {})

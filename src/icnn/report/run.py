@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..metrics.instability import REFERENCE_NAMES
 from . import figures
 from .html import Figure, Section, Table, comparison_section, write_report
 
@@ -134,9 +135,7 @@ def _bars(runs: dict[str, dict]) -> list[Figure]:
     out = []
     first = next(iter(runs.values()))
     refs = first.get("instability_references", {})
-    references = {"random unit": refs.get("random_unit"), "best fixed unit": refs.get("best_fixed_unit"),
-                  "best landmark unit": refs.get("best_landmark_unit")}
-    references = {k: v for k, v in references.items() if v is not None}
+    references = {name: refs[key] for key, name in REFERENCE_NAMES.items() if key in refs}
     prefs = first.get("part_interpretability_references", {})
     part_refs = {k.replace("_", " "): v for k, v in prefs.items() if v == v} or None
     for metric, refs_ in (("location_instability", references), ("part_interpretability", part_refs), ("accuracy", None)):
