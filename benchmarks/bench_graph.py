@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--chunk-images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--faithful", action="store_true", help="the code's quirks (default: fixed)")
-    ap.add_argument("--sigma-neg", default="unit", choices=("unit", "channel"), help="GraphConfig.sigma_neg (default unit, the code's)")
+    ap.add_argument("--sigma-neg", default="auto", choices=("auto", "unit", "channel"), help="GraphConfig.sigma_neg (default auto: unit with --faithful, else channel)")
     ap.add_argument("--evaluate", action="store_true", help="instability and part localisation afterwards")
     ap.add_argument("--memory-probe", metavar="SIZES", help="comma-separated chunk sizes: learn 2 iterations per layer with each "
                     "(ascending) and report the peak resident memory above the layer's start, then exit")  # fmt: skip
@@ -85,7 +85,7 @@ def main() -> None:
         return
     cfg = GraphConfig(iterations=args.iterations, chunk_images=args.chunk_images, faithful=args.faithful, sigma_neg=args.sigma_neg)
     t0 = time.perf_counter()
-    name = f"graph_{'faithful' if args.faithful else 'fixed'}" + ("" if args.sigma_neg == "unit" else f"_{args.sigma_neg}")
+    name = f"graph_{'faithful' if args.faithful else 'fixed'}" + ("" if args.sigma_neg == "auto" else f"_{args.sigma_neg}")
     graph = learn_graph(store, out / name, cfg)
     learn_s = time.perf_counter() - t0
     per_layer = defaultdict(list)

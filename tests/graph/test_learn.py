@@ -191,3 +191,27 @@ def test_node_patches_centre_the_point_and_pad_outside():
     assert grid[2, 2].tolist() == [1.0, 1.0, 1.0] and grid[:, :4].sum() == 3.0
     assert grid[:, 5:].sum() == 0.0  # the corner patch: the image's zeros and the padding
     assert (grid[:, 4] == 1.0).all()  # the white gap
+
+
+def test_sigma_neg_default_is_per_channel_and_faithful_keeps_the_codes(tmp_path):
+    """``sigma_neg="auto"`` (the default) normalises per channel; with ``faithful`` per unit, as the
+    authors' code does: the learned graphs equal those of the explicit settings, and differ from
+    each other where the per-unit spread varies over the map."""
+    assert GraphConfig().sigma_neg == "channel"
+    assert GraphConfig(faithful=True).sigma_neg == "unit"
+    assert GraphConfig(faithful=True, sigma_neg="channel").sigma_neg == "channel"
+    assert GraphConfig.from_dict(GraphConfig(faithful=True).to_dict()).sigma_neg == "unit"
+    with pytest.raises(GraphError, match="sigma_neg"):
+        GraphConfig(sigma_neg="pixel")
+    store, _ = planted_store(tmp_path / "f")
+    g = torch.Generator().manual_seed(1)
+    for name in ("low", "up"):  # a small spread at the border, as a padded backbone's
+        store.sigma[name] = 0.2 + torch.rand(1, 12, 12, generator=g)
+    cfg = dict(density=(1 / 144, 1 / 144), top_n=1, min_var_rate=0.0, iterations=3, chunk_images=5)
+
+    def mu(path, **kw):
+        return torch.cat([n.mu.flatten() for n in learn_graph(store, tmp_path / path, GraphConfig(**cfg, **kw), progress_bar=False).nodes])
+
+    assert torch.equal(mu("a", sigma_neg="auto"), mu("b", sigma_neg="channel"))
+    assert torch.equal(mu("c", faithful=True), mu("d", faithful=True, sigma_neg="unit"))
+    assert not torch.equal(mu("e", sigma_neg="unit"), mu("f2", sigma_neg="channel"))

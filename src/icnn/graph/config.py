@@ -30,7 +30,7 @@ class GraphConfig(Config):
     iterations: int = 20  # EM iterations per layer, no convergence test (iterNum)
     eta: float = 1.0  # step size of the mean update (eta)
     faithful: bool = False  # reproduce the code's quirks (SPEC §2c, docs/graph.md); False fixes them
-    sigma_neg: str = "unit"  # R = x / sigma_neg: unit, per unit (h, w, c) over the negatives (the code's); channel, one per channel (the RMS of its units'; border units not boosted)
+    sigma_neg: str = "auto"  # R = x / sigma_neg: channel, one per channel (the RMS of its units'); unit, per unit (h, w, c) over the negatives (the code's: boosts a padded backbone's border units, docs/graph.md); auto: unit with faithful, else channel
     seed: int = 0  # initial node positions: a random distinct cell per node of a filter
     chunk_images: int = 8  # images per E-step chunk: bounds the working memory (docs/graph.md "Cost")
     chunk_elements: int = 1 << 23  # children x candidate parents x images per block of the parent selection
@@ -38,7 +38,7 @@ class GraphConfig(Config):
     POSITIVE: ClassVar[tuple[str, ...]] = ("candidates", "top_n", "top_m", "iterations", "chunk_images", "chunk_elements",
                                            "max_range", "deform_ratio", "init_delta", "map_delta", "tau", "eta")  # fmt: skip
 
-    CHOICES: ClassVar[dict[str, tuple]] = {"sigma_neg": ("unit", "channel")}
+    CHOICES: ClassVar[dict[str, tuple]] = {"sigma_neg": ("auto", "unit", "channel")}  # "auto" is resolved on construction
     RESUME_OVERRIDABLE: ClassVar[frozenset] = frozenset({"chunk_images", "chunk_elements"})  # memory only, not the result
 
     def __post_init__(self) -> None:
@@ -50,6 +50,8 @@ class GraphConfig(Config):
                                  reason=f"expected numbers separated by commas, got {self.density!r}") from None  # fmt: skip
         if self.density is not None:
             self.density = tuple(float(d) for d in self.density)
+        if self.sigma_neg == "auto":
+            self.sigma_neg = "unit" if self.faithful else "channel"
         self.validate()
 
     def _bad(self, name: str, why: str) -> GraphError:
