@@ -29,7 +29,7 @@ def build(args, interpretable: bool):
     from icnn.training.classify import ClassifierObjective, build_model_for
     from icnn.training.loop import autocast_for, make_optimizer
 
-    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device=args.device, amp=args.amp,
+    cfg = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, device=args.device, amp=args.amp, cpu_amp=args.amp,
                       freeze_stem=args.cached, head_norm=True, interpretable=interpretable, backbone_lr_mult=0.1,
                       filter_loss={**RECIPE["filter_loss"], **({"mode": args.mode} if args.mode else {})})  # fmt: skip
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--mode", default=None, help="filter-loss mode of the interpretable twin (default: the recipe's, icnn.cli.compare.RECIPE)")
     p.add_argument("--cached", action="store_true", help="the stem frozen and its outputs given (the cached path)")
     p.add_argument("--malloc-default", action="store_true", help="leave glibc's malloc as it is (fit() sets keep_freed_memory)")
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp", action="store_true", help="mixed precision: amp on GPU, cpu_amp (bfloat16) on CPU")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()

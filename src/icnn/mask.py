@@ -126,7 +126,7 @@ class PartMask(nn.Module):
             return self._adaptive_mask(x)
         if self.mu == "argmax":
             # a table lookup: the shape centred at each map's argmax unit
-            idx = x.reshape(b, c, h * w).argmax(dim=-1)  # (B, C)
+            idx = x.reshape(b, c, h * w).max(dim=-1).indices  # (B, C): argmax, first on ties (max is faster on CPU)
             return self.shape_table(h, w, x.device, x.dtype).index_select(0, idx.reshape(-1)).reshape(b, c, h, w)
         mu = locate_parts(x, self.mu)  # (B, C, 2)
         return template_shape(mu, h, w, beta=self.beta, distance=self.distance).to(x.dtype)

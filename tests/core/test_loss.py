@@ -55,6 +55,26 @@ def test_decomposition_equals_eq1():
     assert (terms["inter_entropy"] >= 0).all() and (terms["spatial_entropy"] >= 0).all()
 
 
+def test_batch_z_and_running_statistics_against_float64_brute_force():
+    """``log Z_T`` per batch (float32 exps below the exact maximum, float64 sums) is the float64
+    ``logsumexp - log N`` to float32 precision, over scores spanning 0 to ~1e3; the class means,
+    mean peak and active flags (from the peaks the loss hands over) equal their brute force."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 5, 4, 4, generator=g) * torch.tensor([0.0, 1e-3, 1.0, 30.0, 1e4])[None, :, None, None]
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])
+    fl = FilterLoss(5, 2, (4, 4), z_estimate="batch", negative_class=0)
+    fl(x, labels)
+    xd = x.double()
+    scores = xd.reshape(6, 5, 16) @ part_templates(4, 4).double().reshape(17, 16).t()
+    expected = torch.logsumexp(scores, 0) - math.log(6)
+    torch.testing.assert_close(fl.stats.log_z.double(), expected, rtol=2e-7, atol=1e-7)
+    peak = xd.amax((-2, -1))
+    torch.testing.assert_close(fl.stats.mean_max(), peak.mean(0), rtol=1e-12, atol=0)
+    assert fl.stats.active.tolist() == [False, True, True, True, True]
+    total = xd.sum((-2, -1))
+    torch.testing.assert_close(fl.stats.class_sum[1], total[labels == 1].sum(0), rtol=1e-12, atol=0)
+
+
 def test_no_inf_nan_for_activations_up_to_1e4():
     x = torch.rand(4, 3, 7, 7) * 1e4
     x[0, 0] = 0.0

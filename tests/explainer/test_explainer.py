@@ -289,6 +289,20 @@ def test_performer_is_bit_identical_after_training_and_evaluation(tmp_path):
     assert torch.equal(perf(x), out_before)
 
 
+def test_cpu_amp_trains_the_explainer_in_bfloat16_and_leaves_the_performer_untouched(tmp_path):
+    """``cpu_amp`` reaches the explainer's training forward (the same loop): it runs, its weights
+    stay float32 and finite, the performer stays bit-identical, and the result differs from the
+    float32 run's."""
+    perf = gap_performer()
+    before = {k: v.clone() for k, v in perf.state_dict().items()}
+    runs = {amp: train_explainer(perf, tiny_set(n=8), cfg(tmp_path / f"amp{int(amp)}", epochs=2, cpu_amp=amp)) for amp in (False, True)}
+    weights = {amp: r.model.state_dict() for amp, r in runs.items()}
+    for w in weights.values():
+        assert all(v.dtype != torch.bfloat16 and bool(torch.isfinite(v).all()) for v in w.values() if v.is_floating_point())
+    assert any(not torch.equal(weights[False][k], weights[True][k]) for k in weights[False] if weights[False][k].is_floating_point())
+    assert all(torch.equal(before[k], v) for k, v in perf.state_dict().items())
+
+
 # --------------------------------------------------------------------------------- end to end
 
 

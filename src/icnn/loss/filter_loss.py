@@ -259,14 +259,14 @@ class FilterLoss(nn.Module):
             xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
         with torch.set_grad_enabled((cfg.mode != "paper" or cfg.diversity > 0) and torch.is_grad_enabled()):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
+        flat = xf.reshape(b, c, h * w)
+        peaks, units = flat.max(-1)  # (B, C): max_ij x (differentiable) and mu^, the first in row-major order on ties
         own_z = self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope,
-                                  momentum=cfg.z_momentum)  # fmt: skip
+                                  momentum=cfg.z_momentum, peak=peaks.detach() if cfg.map_norm == "none" else None)  # fmt: skip
         lam = self.lambdas().to(xf.dtype)  # (C,)
         self._pending = (scores.detach(), lam)  # the Eq. 5-7 terms of diagnostics(), computed when asked
         targets = self.targets()
         is_target = labels[:, None] == targets[None, :]  # (B, C): image of the filter's category
-        flat = xf.reshape(b, c, h * w)
-        units = flat.detach().argmax(-1)  # (B, C): mu^ of every map
         t_hat = target_templates(units, is_target, h * w)
         log_z = self.stats.log_z.to(xf.dtype)
         weights = None
@@ -291,7 +291,6 @@ class FilterLoss(nn.Module):
             self._collision = float(collision.detach())
             loss = loss + cfg.diversity * self.num_filters * collision
         if cfg.decorrelation > 0 and active:  # ... and carry different information
-            peaks = flat.gather(-1, units[..., None])[..., 0]  # (B, C) max_ij x, differentiable
             redundancy = peak_decorrelation(peaks, labels, targets)
             self._redundancy = float(redundancy.detach())
             loss = loss + cfg.decorrelation * self.num_filters * redundancy

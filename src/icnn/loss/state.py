@@ -118,14 +118,15 @@ class FilterStatistics(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, estimate: str, scope: str,
-               momentum: float) -> bool:  # fmt: skip
-        """Fold one (global) batch in: ``x (B, C, h, w)`` raw maps, ``scores (B, C, T)``, ``labels (B,)``.
-        Returns whether ``log_z`` is now this batch's own ``log mean_x exp(scores)`` (these scores
-        alone: over all maps, from this batch only, on one process)."""
+               momentum: float, peak: torch.Tensor | None = None) -> bool:  # fmt: skip
+        """Fold one (global) batch in: ``x (B, C, h, w)`` raw maps, ``scores (B, C, T)``, ``labels (B,)``,
+        ``peak (B, C)`` their maxima ``max_ij x`` if the caller has them. Returns whether ``log_z``
+        is now this batch's own ``log mean_x exp(scores)`` (these scores alone: over all maps, from
+        this batch only, on one process)."""
         n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
         all_reduce_sum(n)
-        s = scores.double()  # log Z_T = logsumexp - log N cancels: float64
         if scope == "category":  # T_mu over the maps of the filter's category, T- over the others
+            s = scores.double()  # log Z_T = logsumexp - log N cancels: float64
             is_target = (labels[:, None] == self.targets()[None, :])[..., None]  # (B, C, 1)
             positive = torch.ones(s.shape[-1], dtype=torch.bool, device=x.device)
             positive[-1] = False
@@ -134,8 +135,10 @@ class FilterStatistics(nn.Module):
             count = sel.double().sum(0)
             all_reduce_sum(count)
             batch = torch.where(count > 0, lse - count.clamp_min(1).log(), self.log_z.double())
-        else:
-            batch = all_reduce_logsumexp(torch.logsumexp(s, dim=0)) - n.log()
+        else:  # logsumexp over the batch in float32 (what log_z keeps), its last steps in float64
+            m = scores.amax(0)  # (C, T)
+            lse = (scores - m).exp().sum(0).double().log() + m.double()
+            batch = all_reduce_logsumexp(lse) - n.log()
         own = (self.z_count.item() == 0 or estimate == "batch") and scope != "category" and not dist_ready()
         if self.z_count.item() == 0 or estimate == "batch":
             new = batch
@@ -143,10 +146,10 @@ class FilterStatistics(nn.Module):
             new = torch.logaddexp(self.log_z.double() + math.log(momentum), batch + math.log1p(-momentum))
         self.log_z.copy_(new.to(self.log_z.dtype))
         self.z_count += n
-        total = x.double().sum(dim=(-2, -1))  # (B, C)
+        total = x.sum(dim=(-2, -1), dtype=torch.float64)  # (B, C)
         onehot = torch.nn.functional.one_hot(labels, self.num_classes).double()  # (B, K)
         class_sum, class_count = onehot.t() @ total, onehot.sum(0)
-        peak = x.amax(dim=(-2, -1))  # (B, C)
+        peak = x.amax(dim=(-2, -1)) if peak is None else peak  # (B, C)
         max_sum = peak.double().sum(0)
         active = (peak.amax(0) > 0).double()
         all_reduce_sum(class_sum, class_count, max_sum, active)

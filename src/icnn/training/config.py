@@ -141,6 +141,7 @@ class RunConfig(Config):
     device: str = "auto"  # auto (cuda when available), cpu, cuda or cuda:N
     amp: bool = True  # mixed precision (autocast) on GPU; ignored on CPU
     amp_dtype: str = "bfloat16"  # autocast dtype on GPU; float16 adds a gradient scaler
+    cpu_amp: bool = False  # bfloat16 autocast of the training forward on CPU: faster where the CPU has free AMX units (CUB: 1.6x per epoch), slower elsewhere; changes the numerics (docs/benchmarks.md)
     compile: bool = False  # torch.compile the training step (GPU only)
     num_workers: int = 0  # DataLoader worker processes (resume is bit-exact with 0)
     out: str = "runs/train"  # output directory: checkpoint/, log.csv, log.jsonl, config.json
@@ -157,7 +158,8 @@ class RunConfig(Config):
     POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr_step", "lr")  # > 0, not only >= 0
     # what a resumed run may change: how it runs, not what it computes
     RESUME_OVERRIDABLE: ClassVar[frozenset] = frozenset(
-        {"epochs", "out", "device", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "amp", "compile"}
+        {"epochs", "out", "device", "num_workers", "progress", "tensorboard", "log_every", "checkpoint_every", "amp", "cpu_amp",
+         "compile"}
     )
 
     def validate(self):

@@ -184,9 +184,13 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
 
 
 def autocast_for(device: torch.device, cfg: RunConfig):
-    """Mixed precision on GPU only; a no-op context on CPU."""
+    """Mixed precision around the forward pass: on GPU with ``amp`` (``amp_dtype``), on CPU with
+    ``cpu_amp`` (bfloat16); otherwise a no-op context. A frozen stem's cache is filled outside it,
+    in float32, so its entries do not depend on the setting."""
     if device.type == "cuda" and cfg.amp:
         return torch.autocast("cuda", dtype=getattr(torch, cfg.amp_dtype))
+    if device.type == "cpu" and cfg.cpu_amp:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
