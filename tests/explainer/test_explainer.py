@@ -364,6 +364,33 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert "--performer" in capsys.readouterr().err
 
 
+def test_icnn_explain_trains_on_the_train_split_it_is_given(tmp_path, monkeypatch):
+    """``--train-split fit --eval-split val`` (choosing settings): the explainer trains on the
+    training images without the validation ones and is evaluated on those; the split is saved."""
+    import icnn.training.classify as classify
+    from icnn.cli import main
+    from icnn.models import registry
+    from icnn.models.small_cnn import small_cnn
+    from icnn.training import TrainConfig
+    from icnn.training.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(registry.MODELS, "small_cnn_w2", lambda **kw: small_cnn(width=2, **kw))
+    tcfg = TrainConfig(arch="small_cnn_w2", interpretable=False, image_size=32, dataset_kwargs={"num_samples": 8},
+                       head_norm=True, out=str(tmp_path / "perf"))  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "perf", build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32, head_norm=True),
+                    {"epoch": 1}, tcfg.to_dict())  # fmt: skip
+    splits, real = [], classify.build_dataset_for
+    monkeypatch.setattr(classify, "build_dataset_for", lambda cfg, split, **kw: splits.append(split) or real(cfg, split, **kw))
+    out = tmp_path / "ex"
+    assert main(["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+                 "--device", "cpu", "--top-k", "4", "--panels", "1", "--no-progress", "--train-split", "fit",
+                 "--eval-split", "val"]) == 0  # fmt: skip
+    assert splits == ["fit", "val"]
+    assert json.loads((out / "config.json").read_text())["train_split"] == "fit"
+    assert json.loads((out / "metrics.json").read_text())["eval_split"] == "val"
+
+
 # --------------------------------------------------------------------------------- part interpretability
 
 

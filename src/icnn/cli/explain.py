@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=cfg.progress)  # fmt: skip
     performer, tcfg = load_performer(args.performer, device)
     dcfg = data_config(tcfg, args)
-    train_set = build_dataset_for(dcfg, "train")
+    train_set = build_dataset_for(dcfg, cfg.train_split)
     eval_set = build_dataset_for(dcfg, dcfg.eval_split or "test")
     if tcfg.freeze_stem and cfg.layer == "stem":
         run_on = str(next(performer.parameters()).device)

@@ -145,6 +145,7 @@ class RunConfig(Config):
     compile: bool = False  # torch.compile the training step (GPU only)
     num_workers: int = 0  # DataLoader worker processes (resume is bit-exact with 0)
     out: str = "runs/train"  # output directory: checkpoint/, log.csv, log.jsonl, config.json
+    train_split: str = "train"  # split trained on: train, or fit (train without the validation images) to choose settings
     checkpoint_every: int = 0  # also checkpoint every this many steps inside an epoch (0: end of epoch only)
     log_every: int = 50  # a log row every this many steps (0: one per epoch)
     progress: bool = True  # progress bars (off when stderr is not a terminal)
@@ -154,6 +155,7 @@ class RunConfig(Config):
         "optimizer": ("sgd", "adam"),
         "lr_schedule": ("none", "step", "cosine"),
         "amp_dtype": ("bfloat16", "float16"),
+        "train_split": ("train", "fit"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr_step", "lr")  # > 0, not only >= 0
     # what a resumed run may change: how it runs, not what it computes
@@ -209,7 +211,6 @@ class TrainConfig(RunConfig):
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)  # build_dataset options (category, num_samples, max_negatives, ...)
     image_size: int = 64  # input side in pixels (square)
     augment: bool = False  # random horizontal flips of the training images
-    train_split: str = "train"  # split trained on: train, or fit (train without the validation images) to choose settings
     eval_split: str | None = "test"  # split evaluated after every epoch (val while choosing settings); none: no evaluation
     cache_dir: str | None = None  # keep the frozen stem's outputs on disk here (default: in memory)
 
@@ -217,7 +218,6 @@ class TrainConfig(RunConfig):
         **RunConfig.CHOICES,
         "task": ("single", "multi"),
         "multi_loss": ("softmax", "per_class_logistic"),
-        "train_split": ("train", "fit"),
     }
     POSITIVE: ClassVar[tuple[str, ...]] = (*RunConfig.POSITIVE, "image_size")
     RESUME_OVERRIDABLE: ClassVar[frozenset] = RunConfig.RESUME_OVERRIDABLE | {"eval_split", "cache_dir"}
