@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--faithful", action="store_true", help="the code's quirks (default: fixed)")
     ap.add_argument("--sigma-neg", default="auto", choices=("auto", "unit", "channel"), help="GraphConfig.sigma_neg (default auto: unit with --faithful, else channel)")
+    ap.add_argument("--seed", type=int, default=0, help="GraphConfig.seed (the nodes' initial positions)")
     ap.add_argument("--evaluate", action="store_true", help="instability and part localisation afterwards")
     ap.add_argument("--memory-probe", metavar="SIZES", help="comma-separated chunk sizes: learn 2 iterations per layer with each "
                     "(ascending) and report the peak resident memory above the layer's start, then exit")  # fmt: skip
@@ -83,9 +84,11 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(store, out, sorted(int(t) for t in args.memory_probe.split(",")), args.faithful)
         return
-    cfg = GraphConfig(iterations=args.iterations, chunk_images=args.chunk_images, faithful=args.faithful, sigma_neg=args.sigma_neg)
+    cfg = GraphConfig(iterations=args.iterations, chunk_images=args.chunk_images, faithful=args.faithful, sigma_neg=args.sigma_neg,
+                      seed=args.seed)  # fmt: skip
     t0 = time.perf_counter()
-    name = f"graph_{'faithful' if args.faithful else 'fixed'}" + ("" if args.sigma_neg == "auto" else f"_{args.sigma_neg}")
+    name = f"graph_{'faithful' if args.faithful else 'fixed'}" + ("" if args.sigma_neg == "auto" else f"_{args.sigma_neg}") \
+        + ("" if args.seed == 0 else f"_seed{args.seed}")
     graph = learn_graph(store, out / name, cfg)
     learn_s = time.perf_counter() - t0
     per_layer = defaultdict(list)
