@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data.base import flip_permutation, hflip_sample
+from .models.net import eval_mode
 
 
 def module_digest(module: nn.Module) -> str:
@@ -139,26 +140,21 @@ class StemCache:
         with ``flips`` every sample is served as it is or mirrored, drawn per ``__getitem__``."""
         from .training.loop import progress
 
-        was = self.stem.training
-        self.stem.eval()
         lperm = flip_permutation(getattr(base, "landmark_names", []))
         pperm = flip_permutation(getattr(base, "part_names", []))
         notes: list[list[dict]] = []
         keys: list[list[str]] = []
         loader = DataLoader(base, batch_size=self.batch_size, shuffle=False, collate_fn=list)
-        try:
-            with torch.random.fork_rng():  # filling the cache draws no number a run would see
-                for batch in progress(loader, enabled=self.progress, total=len(loader), desc=desc):
-                    views = [[s] + ([hflip_sample(s, lperm, pperm)] if flips else []) for s in batch]
-                    flat = [v for vs in views for v in vs]
-                    ks = [image_key(v["image"]) for v in flat]
-                    self._fill([v["image"] for v in flat], ks)
-                    it = iter(ks)
-                    for vs in views:
-                        keys.append([next(it) for _ in vs])
-                        notes.append([_annotations(v) for v in vs])
-        finally:
-            self.stem.train(was)
+        with eval_mode(self.stem), torch.random.fork_rng():  # filling the cache draws no number a run would see
+            for batch in progress(loader, enabled=self.progress, total=len(loader), desc=desc):
+                views = [[s] + ([hflip_sample(s, lperm, pperm)] if flips else []) for s in batch]
+                flat = [v for vs in views for v in vs]
+                ks = [image_key(v["image"]) for v in flat]
+                self._fill([v["image"] for v in flat], ks)
+                it = iter(ks)
+                for vs in views:
+                    keys.append([next(it) for _ in vs])
+                    notes.append([_annotations(v) for v in vs])
         return CachedDataset(base, self, keys, notes, flips)
 
     def describe(self) -> str:

@@ -34,7 +34,9 @@ from .metrics.collapse import FilterCollapse
 from .metrics.instability import LocationInstability, landmark_distances
 from .metrics.quantile import TopQuantile
 from .metrics.receptive_field import layer_geometry, unit_centers
+from .models.net import eval_mode
 from .training.config import Config
+from .training.loop import progress as progress_bar, resolve_device
 
 
 @dataclass
@@ -223,11 +225,8 @@ class MetricSuite:
         if self.inst is not None:
             res = self.inst.compute(categories=categories if self.interpretable else None)
             refs = self.inst.references(self.centers, draws=cfg.reference_draws, seed=cfg.seed)
-            m["location_instability"] = res.score
+            m |= {k: v for k, v in res.summary().items() if k != "filters_evaluated"}  # score, firing, silent
             m["instability_references"] = refs.summary()
-            m["silent_fraction"] = float(res.silent_fraction.mean())
-            m["location_instability_firing"] = res.score_firing
-            m["silent_in_top"] = res.silent_in_top
             m["landmark_names"] = list(self.landmark_names)
             m["instability_per_landmark"] = dict(zip(self.landmark_names, torch.nanmean(res.per_filter_landmark, 0).tolist()))
             m["instability_references_per_landmark"] = {k: dict(zip(self.landmark_names, v)) for k, v in refs.per_landmark().items()}
@@ -277,7 +276,7 @@ def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_thre
     dis = NetworkDissection(thresholds, part_names, mode=mode, centers=centers, iou_threshold=dissection_threshold)
     ref = None
     g = torch.Generator().manual_seed(seed)
-    for maps, masks, labels in _progress(batches, progress, None, "part regions"):
+    for maps, masks, labels in progress_bar(batches, enabled=progress, total=None, desc="part regions"):
         overlaps = piou.overlaps(maps, masks)
         piou.update(maps, masks, labels, overlaps=overlaps)
         dis.update(maps, masks, overlaps=overlaps)
@@ -300,12 +299,6 @@ def _region_pass(batches, thresholds, part_names, nc, *, mode, centers, iou_thre
     return pres, dis.compute(), refs
 
 
-def _progress(iterable, enabled: bool, total: int | None, desc: str):
-    from .training.loop import progress
-
-    return progress(iterable, enabled=enabled, total=total, desc=desc)
-
-
 @torch.no_grad()
 def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: torch.Tensor | None = None) -> EvalResult:
     """Stream ``dataset`` once through ``model`` and compute every metric its annotations allow.
@@ -318,11 +311,8 @@ def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: to
             the filter loss's assignment). Default: the suite's rule.
     """
     from .metrics.accuracy import AccuracyMeter
-    from .training.loop import resolve_device
 
     cfg = (config or EvalConfig()).validate()
-    if len(dataset) == 0:
-        raise ValueError("evaluate: the dataset is empty")
     if cfg.layer not in model.layers:
         raise ValueError(f"evaluate: no layer {cfg.layer!r} (the network has {', '.join(model.layers)})")
     if model.num_classes > 1 and model.num_classes != len(dataset.classes):
@@ -330,22 +320,19 @@ def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: to
                          f"({', '.join(map(str, dataset.classes[:3]))}{', ...' if len(dataset.classes) > 3 else ''}): "
                          "evaluate it on the classes it was trained on")  # fmt: skip
     device = resolve_device(cfg.device)
-    was_training = model.training
-    model.eval().to(device)
+    model.to(device)
     suite = MetricSuite(dataset, layer_geometry(model, cfg.layer), cfg, interpretable=bool(getattr(model, "interpretable", False)),
                         single=model.num_classes == 1)  # fmt: skip
     accuracy = AccuracyMeter(len(dataset.classes) if model.num_classes > 1 else 1)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    try:
-        for batch in _progress(loader, cfg.progress, len(loader), f"evaluate ({len(dataset)} images)"):
+    with eval_mode(model):
+        for batch in progress_bar(loader, enabled=cfg.progress, total=len(loader), desc=f"evaluate ({len(dataset)} images)"):
             if "stem" in batch:
                 feats = model.features_from_stem(batch["stem"].to(device))
             else:
                 feats = model.forward_features(batch["image"].to(device))
             accuracy.update(model.forward_head(feats.out).float().cpu(), batch["label"].long())
             suite.update(feats.masked[cfg.layer], batch, feats.relu[cfg.layer])
-    finally:
-        model.train(was_training)
     result = suite.compute(categories)
     result.metrics.update(accuracy.compute().summary())
     return result

@@ -87,8 +87,6 @@ def part_templates(
     """
     if h < 1 or w < 1:
         raise ValueError(f"map size must be positive, got {h}x{w}")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     tau = default_tau(h, w) if tau is None else float(tau)
     mus = _unit_grid(h, w).reshape(h * w, 2)  # (h*w, 2) row-major
     positive = tau * template_shape(mus, h, w, beta=beta, distance=distance)  # (h*w, h, w)

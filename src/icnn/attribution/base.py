@@ -19,6 +19,8 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
+from ..models.net import eval_mode
+
 Target = int | Sequence[int] | torch.Tensor | None
 OutputSelector = Callable[[Any], torch.Tensor] | str | int | None
 
@@ -120,17 +122,13 @@ class _Scorer(nn.Module):
 @contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters, gradients enabled; all restored on exit, even on error."""
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             yield
     finally:
-        for m, training in modes:
-            m.training = training
         for p, requires_grad in flags:
             p.requires_grad_(requires_grad)
 

@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"icnn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"icnn.cli.{name}")
-        except ModuleNotFoundError as exc:  # subcommand not built yet
-            if exc.name != f"icnn.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"icnn.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -1,5 +1,5 @@
-"""What every subcommand shares besides the config flags (``_flags``): ``--config FILE`` and the
-checks of paths a config names."""
+"""What every subcommand shares besides the config flags (``_flags``): its parser, ``--config FILE``
+and the checks of paths a config names."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from typing import Any
 from . import UsageError
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def add_command(subparsers, name: str, run, **kwargs) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``kwargs``: its ``help`` and ``description``); ``main``
+    calls ``run(args)``."""
+    p = subparsers.add_parser(name, **kwargs)
+    p.set_defaults(func=run)
+    return p
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:

@@ -10,23 +10,21 @@ import argparse
 from pathlib import Path
 
 from . import UsageError
+from ._common import add_command
 from ._flags import add_config_flags, build, given
 
 DATA_FIELDS = ("dataset", "root", "negatives_root", "dataset_kwargs", "eval_split")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "evaluate",
+    p = add_command(
+        subparsers, "evaluate", run,
         help="measure a trained network's interpretability and write metrics.json + report.html",
-        description=(
-            "Stream a dataset once through a trained network (a checkpoint of `icnn train`) and compute every "
-            "metric its annotations allow: accuracy, location instability with its random-unit and best-fixed-unit "
-            "references (landmarks), the collapse figures, part interpretability and Network-Dissection IoU (part "
-            "masks). Writes OUT/metrics.json and a self-contained OUT/report.html."
-        ),
+        description="Stream a dataset once through a trained network (a checkpoint of `icnn train`) and compute every "
+        "metric its annotations allow: accuracy, location instability with its random-unit and best-fixed-unit "
+        "references (landmarks), the collapse figures, part interpretability and Network-Dissection IoU (part "
+        "masks). Writes OUT/metrics.json and a self-contained OUT/report.html.",
     )
-    p.set_defaults(func=run)
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="a run directory of `icnn train` or its checkpoint/ directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for metrics.json and report.html")
     add_data_flags(p)
@@ -53,14 +51,14 @@ def eval_config(args: argparse.Namespace, **base):
     return build(EvalConfig, flags=given(args, EvalConfig), base=base)
 
 
-def load_run(path: str, device: str = "cpu"):
-    """``(model, TrainConfig, state)`` of an ``icnn train`` run; UsageError naming the path."""
+def load_run(path: str, device: str = "cpu", flag: str = "--checkpoint"):
+    """``(model, TrainConfig, state)`` of an ``icnn train`` run; UsageError naming ``flag`` and the path."""
     from icnn.training import CheckpointError, load_model
 
     try:
         return load_model(path, device=device)
     except CheckpointError as exc:
-        raise UsageError(f"--checkpoint {path}: {exc}") from None
+        raise UsageError(f"{flag} {path}: {exc}") from None
 
 
 def data_config(cfg, args: argparse.Namespace):

@@ -21,27 +21,23 @@ import os
 import sys
 from pathlib import Path
 
-from . import UsageError
-from ._common import add_common_flags
+from ._common import add_command, add_common_flags
 from ._flags import add_config_flags, build_run, given
-from .evaluate import add_data_flags, add_eval_flags, data_config, eval_config, silent_note
+from .evaluate import add_data_flags, add_eval_flags, data_config, eval_config, load_run, silent_note
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from icnn.explainer import ExplainerConfig
 
-    p = subparsers.add_parser(
-        "explain",
+    p = add_command(
+        subparsers, "explain", run,
         help="learn an explainer network for a trained CNN (the performer stays untouched)",
-        description=(
-            "Explainer networks (Zhang et al., 'Unsupervised learning of neural networks to explain neural networks'): "
-            "an auto-encoder attached to a frozen performer disentangles its features into part filters "
-            "(interpretable track, share p) plus an ordinary track, and reconstructs the performer's fc features. "
-            "Writes OUT/checkpoint/, OUT/log.csv, OUT/metrics.json and OUT/report.html. "
-            "Many GPUs/processes: torchrun --nproc_per_node=K -m icnn explain ... (--batch-size is per process)."
-        ),
+        description="Explainer networks (Zhang et al., 'Unsupervised learning of neural networks to explain neural networks'): "
+        "an auto-encoder attached to a frozen performer disentangles its features into part filters "
+        "(interpretable track, share p) plus an ordinary track, and reconstructs the performer's fc features. "
+        "Writes OUT/checkpoint/, OUT/log.csv, OUT/metrics.json and OUT/report.html. "
+        "Many GPUs/processes: torchrun --nproc_per_node=K -m icnn explain ... (--batch-size is per process).",
     )
-    p.set_defaults(func=run)
     p.add_argument("--performer", required=True, metavar="RUN", help="the performer: an `icnn train` output directory or its checkpoint/")
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the explainer run in RUN with its saved settings "
                    "(--epochs, --device, workers and logging may change)")
@@ -54,13 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_performer(path: str, device: str):
     """``(performer, TrainConfig)`` from an ``icnn train`` run, frozen; UsageError naming the path."""
-    from icnn.training import CheckpointError, load_model
     from icnn.training.loop import resolve_device
 
-    try:
-        model, cfg, _ = load_model(path, device=resolve_device(device))
-    except CheckpointError as exc:
-        raise UsageError(f"--performer {path}: {exc}") from None
+    model, cfg, _ = load_run(path, resolve_device(device), flag="--performer")
     return model.requires_grad_(False), cfg
 
 
@@ -70,11 +62,8 @@ def _weights_digest(performer: str) -> str:
 
     from icnn.training.checkpoint import WEIGHTS_FILE, resolve_checkpoint
 
-    h = hashlib.sha256()
     with open(resolve_checkpoint(performer) / WEIGHTS_FILE, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def build_config(args: argparse.Namespace):

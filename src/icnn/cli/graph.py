@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
+from ._common import add_command
 from ._flags import add_config_flags, build, flag_of, given
 
 MODEL_FIELDS = ("arch", "weights", "image_size")
@@ -36,17 +37,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from icnn.graph import GraphConfig
     from icnn.training import TrainConfig
 
-    p = subparsers.add_parser(
-        "graph",
+    p = add_command(
+        subparsers, "graph", run,
         help="mine a pretrained CNN's conv-layers into an explanatory graph of part patterns; evaluate and draw it",
-        description=(
-            "Explanatory graphs (Zhang et al., AAAI 2018): every filter of a few conv-layers gets several nodes, each a "
-            "part pattern with a mean position, a deformation range and parents in the layer above, learned top-down "
-            "without annotations from the maps of the dataset's object images. Writes OUT/graph/, OUT/metrics.json "
-            "(node vs raw-filter location instability, few-shot part localisation) and OUT/report.html; a rerun resumes."
-        ),
+        description="Explanatory graphs (Zhang et al., AAAI 2018): every filter of a few conv-layers gets several nodes, each a "
+        "part pattern with a mean position, a deformation range and parents in the layer above, learned top-down "
+        "without annotations from the maps of the dataset's object images. Writes OUT/graph/, OUT/metrics.json "
+        "(node vs raw-filter location instability, few-shot part localisation) and OUT/report.html; a rerun resumes.",
     )
-    p.set_defaults(func=run)
     p.add_argument("--checkpoint", metavar="RUN", help="a run directory of `icnn train` (instead of --arch/--weights)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (resumable: rerun the same command)")
     p.add_argument("--split", default="train", choices=("train", "fit", "val", "test"), help="the dataset split whose object images the graph is learned on (default train)")

@@ -10,12 +10,14 @@ import argparse
 
 from torch import nn
 
+from ._common import add_command
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from icnn.models import list_models
 
-    p = subparsers.add_parser(
-        "layers",
+    p = add_command(
+        subparsers, "layers", run,
         help="list a network's layers with output shapes and receptive fields",
         description="List the layers of a registered network (made interpretable) with their output "
         "shapes and receptive-field geometry. 'layers.new' is the evaluated interpretable layer.",
@@ -23,7 +25,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, choices=list_models(), metavar="NAME", help="one of: " + ", ".join(list_models()))
     p.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the arch's own)")
     p.add_argument("--num-classes", type=int, default=1, help="logits width (default 1: single-category)")
-    p.set_defaults(func=run)
     return p
 
 
@@ -54,10 +55,9 @@ def run(args: argparse.Namespace) -> int:
     from icnn.cli import UsageError
     from icnn.models import build_model
 
-    kw = {} if args.image_size is None else {"image_size": args.image_size}
     if args.image_size is not None and args.image_size < 1:
         raise UsageError(f"--image-size must be positive, got {args.image_size}")
-    model = build_model(args.arch, num_classes=args.num_classes, interpretable=True, **kw)
+    model = build_model(args.arch, num_classes=args.num_classes, interpretable=True, image_size=args.image_size)  # None: its own
     size = model.image_size[0]
     rows = layer_rows(model, size)
     header = ("layer", "type", "output (C x h x w)", "receptive field (x, pixels)")

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_common_flags, existing_paths
+from ._common import add_command, add_common_flags, existing_paths
 from ._flags import add_config_flags, build_run, given
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "train",
+    p = add_command(
+        subparsers, "train", run,
         help="train an interpretable CNN or its ordinary twin",
-        description=(
-            "Train an interpretable CNN (Zhang, Wu, Zhu, CVPR 2018): the top conv-layer's filters and a new "
-            "conv-layer above it become interpretable, each pushed by a filter loss to fire on one part of one "
-            "category. --no-interpretable trains the same network without masks and filter losses (the baseline). "
-            "Settings: defaults < --config FILE < flags given here. Multi-GPU: torchrun --nproc_per_node=K -m icnn train ..."
-        ),
+        description="Train an interpretable CNN (Zhang, Wu, Zhu, CVPR 2018): the top conv-layer's filters and a new "
+        "conv-layer above it become interpretable, each pushed by a filter loss to fire on one part of one "
+        "category. --no-interpretable trains the same network without masks and filter losses (the baseline). "
+        "Settings: defaults < --config FILE < flags given here. Multi-GPU: torchrun --nproc_per_node=K -m icnn train ...",
     )
-    p.set_defaults(func=run)
     add_train_flags(p)
     p.add_argument("--resume", default=None, metavar="RUN", help="continue the run in RUN (its output directory or checkpoint/) "
                    "with its saved settings; --epochs, --device, workers and logging may change")

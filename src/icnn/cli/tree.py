@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import UsageError
+from ._common import add_command
 from ._flags import add_config_flags, build, given
 from .evaluate import add_data_flags, data_config, load_run
 
@@ -24,17 +25,14 @@ EXPLAINED = 6  # test images explained in the report
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from icnn.tree import TreeConfig
 
-    p = subparsers.add_parser(
-        "tree",
+    p = add_command(
+        subparsers, "tree", run,
         help="mine a trained network's decision modes into a decision tree; explain predictions by filters and parts",
-        description=(
-            "Decision trees over interpretable filters (Zhang et al., CVPR 2019): one leaf per positive training image, "
-            "merged bottom-up into decision modes from generic to fine; each prediction is explained by its parse path, "
-            "its filter contributions and, from the dataset's landmarks, its part contributions. Writes OUT/tree/, "
-            "OUT/metrics.json and OUT/report.html."
-        ),
+        description="Decision trees over interpretable filters (Zhang et al., CVPR 2019): one leaf per positive training image, "
+        "merged bottom-up into decision modes from generic to fine; each prediction is explained by its parse path, "
+        "its filter contributions and, from the dataset's landmarks, its part contributions. Writes OUT/tree/, "
+        "OUT/metrics.json and OUT/report.html.",
     )
-    p.set_defaults(func=run)
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="a run directory of `icnn train` or `icnn compare` (ordinary or interpretable)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for tree/, metrics.json and report.html")
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")

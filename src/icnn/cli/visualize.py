@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from icnn.report.html import Figure
 from icnn.report.visualize import SECTION_TITLE, add_to_report, contribution_figure, overlay, png_bytes
 
 from . import UsageError
+from ._common import add_command
 from .evaluate import load_run
 
 METHODS = ("saliency", "guided", "deconvnet", "gradcam", "actmax", "contributions")
@@ -48,8 +49,8 @@ DISPLAY_MIN, DISPLAY_MAX = 256, 512  # longer side of the written overlays, in p
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "visualize",
+    p = add_command(
+        subparsers, "visualize", run,
         help="attribution overlays (saliency, Grad-CAM, ...) of a checkpoint on images, as PNG + HTML",
         description="Write attribution overlays of a trained network on images as PNG files "
         "(OUT/<image>.<method>.png) and an HTML section (OUT/visualizations.html; --report adds it "
@@ -72,7 +73,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="contributions: that dataset's split (default: the checkpoint's eval split, else test)")
     p.add_argument("--max-images", type=int, default=500, help="contributions: use at most this many images of that dataset (default 500)")
     p.add_argument("--top-n", type=int, default=None, help="contributions: only each filter's top-N images vote for its part (default: all)")
-    p.set_defaults(func=run)
     return p
 
 
@@ -129,14 +129,6 @@ def load_images(paths: list[Path], size: tuple[int, int]) -> tuple[torch.Tensor,
 # methods
 
 
-@dataclass
-class Output:
-    name: str  # image stem
-    method: str
-    png: bytes
-    caption: str
-
-
 def layer_module(model: nn.Module, layer: str) -> nn.Module:
     """The module whose output is ``layer``'s map: for ``"new"``/``"top"`` the mask (its masked
     map, what the metrics read) or, for the ordinary twin, the conv body; else a dotted name."""
@@ -175,7 +167,8 @@ def _most_active(model: nn.Module, module: nn.Module, images: torch.Tensor) -> l
     return out[-1].mean(dim=(2, 3)).argmax(1).tolist()
 
 
-def attribution_outputs(model, method: str, images: torch.Tensor, shown: list[torch.Tensor], names: list[str], args) -> list[Output]:
+def attribution_outputs(model, method: str, images: torch.Tensor, shown: list[torch.Tensor], names: list[str], args) -> list:
+    """``(file name, Figure)`` of every image: its heat map over the image."""
     from icnn.attribution import GradCAM, GuidedBackprop, Deconvnet, Saliency
 
     size = tuple(images.shape[-2:])
@@ -193,12 +186,13 @@ def attribution_outputs(model, method: str, images: torch.Tensor, shown: list[to
     classes = logits.argmax(1).tolist() if target is None else [target] * len(images)
     what = f"layer {args.layer}, " if method == "gradcam" else ""
     return [
-        Output(n, method, png_bytes(overlay(img, h, cmap=args.cmap, alpha=args.alpha)), f"{n}: {method} ({what}class {c})")
+        (f"{n}.{method}.png",
+         Figure(png_bytes(overlay(img, h, cmap=args.cmap, alpha=args.alpha)), f"{n}: {method} ({what}class {c})"))
         for n, img, h, c in zip(names, shown, heat, classes)
     ]
 
 
-def actmax_outputs(model, images: torch.Tensor, names: list[str], args) -> list[Output]:
+def actmax_outputs(model, images: torch.Tensor, names: list[str], args) -> list:
     from PIL import Image
 
     from icnn.attribution import ActivationMaximization, ActMaxConfig
@@ -213,7 +207,7 @@ def actmax_outputs(model, images: torch.Tensor, names: list[str], args) -> list[
         rgb = (img.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
         h, w = display_size(*rgb.shape[:2])
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.NEAREST))  # pixels stay visible
-        out.append(Output(n, "actmax", png_bytes(rgb), f"{n}: actmax of filter {ch} of layer {args.layer}"))
+        out.append((f"{n}.actmax.png", Figure(png_bytes(rgb), f"{n}: actmax of filter {ch} of layer {args.layer}")))
     return out
 
 
@@ -258,7 +252,7 @@ def contribution_outputs(model, config: dict, images: torch.Tensor, shown: list[
         rgb = overlay(shown[i], heat[i], cmap=args.cmap, alpha=args.alpha)
         title = f"{n}: class {int(pc.target[i])}, score {pc.score[i].item():.3g}"
         png = contribution_figure(rgb, pc.columns, counts, pc.share[i].tolist(), title)
-        outs.append(Output(n, "contributions", png, f"{n}: part contributions (layer {args.layer})"))
+        outs.append((f"{n}.contributions.png", Figure(png, f"{n}: part contributions (layer {args.layer})")))
     text = (
         f"Part contributions (layer {args.layer}): each filter is assigned to the landmark nearest to its "
         f"argmax unit most often, on {len(overall.share)} annotated images of {label}; the score of the "
@@ -287,7 +281,7 @@ def _file_names(paths: list[Path]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from icnn.report import Figure, Section, write_report
+    from icnn.report import Section, write_report
     from icnn.training.loop import resolve_device
 
     methods = list(dict.fromkeys(args.method))
@@ -325,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    outputs: list[Output] = []
+    outputs: list[tuple[str, Figure]] = []  # (file name, figure)
     tables, texts = [], []
     for method in methods:
         if method == "actmax":
@@ -337,12 +331,12 @@ def run(args: argparse.Namespace) -> int:
             tables.append(table)
         else:
             outputs += attribution_outputs(model, method, images, shown, names, args)
-    for o in outputs:
-        (out / f"{o.name}.{o.method}.png").write_bytes(o.png)
+    for name, fig in outputs:
+        (out / name).write_bytes(fig.png)
 
     texts.insert(0, f"{len(paths)} image(s), {config['arch']} from {args.checkpoint}; methods: {', '.join(methods)}; "
                     f"layer {args.layer}; target {'predicted class' if args.target is None else args.target}.")  # fmt: skip
-    section = Section(SECTION_TITLE, tables=tables, figures=[Figure(o.png, o.caption) for o in outputs], text="\n\n".join(texts))
+    section = Section(SECTION_TITLE, tables=tables, figures=[fig for _, fig in outputs], text="\n\n".join(texts))
     title = f"icnn visualisations: {config['arch']}"
     page = write_report(out / "visualizations.html", title, [section], meta={"checkpoint": str(args.checkpoint)})
     if args.report is not None:

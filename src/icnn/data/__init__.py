@@ -10,6 +10,7 @@ from .negatives import NegativeImages
 from .pascal_part import PascalPart
 from .registry import DATASETS, SPLITS, augments_by_flipping, build_dataset, is_validation
 from .single_category import SingleCategory
+from .synthetic import SyntheticParts, synthetic_single_category
 
 __all__ = [
     "CUB200",
@@ -24,14 +25,9 @@ __all__ = [
     "SAMPLE_KEYS",
     "SingleCategory",
     "SPLITS",
+    "SyntheticParts",
     "augments_by_flipping",
     "build_dataset",
     "is_validation",
+    "synthetic_single_category",
 ]
-
-try:  # written alongside; the package works before it exists
-    from .synthetic import SyntheticParts, synthetic_single_category  # noqa: F401
-except ImportError:
-    pass
-else:
-    __all__ += ["SyntheticParts", "synthetic_single_category"]

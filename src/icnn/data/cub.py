@@ -38,15 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (
-    DatasetError,
-    PartDataset,
-    Record,
-    check_split,
-    parse_number,
-    read_table,
-    require_dir,
-)
+from .base import DatasetError, PartDataset, Record, check_split, parse_number, read_table, require_dir
 
 HEAD_PARTS = ("crown", "forehead")
 PAPER_LANDMARKS = ("head", "back", "tail")
@@ -95,25 +87,14 @@ class CUB200(PartDataset):
         labels: ``"species"`` (the species the images show: 200 on the full dataset) or ``"bird"``
             (one class).
         landmarks: ``"paper"`` (head, back, tail) or ``"all"`` (CUB's 15 parts).
-        image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
+        **options: ``image_size``, ``margin``, ``augment``, ``skip_bad``, ``keep_outside_landmarks``
+            of :class:`PartDataset`.
         species: keep only these species (class ids of ``classes.txt``, 1-based): a list, or a
             string of ids and ranges such as ``"1-5"`` or ``"1,3,6-10"`` (species transfer).
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        split: str | None = "train",
-        labels: str = "species",
-        landmarks: str = "paper",
-        image_size: int | Sequence[int] = 224,
-        margin: float = 0.0,
-        augment: bool = False,
-        skip_bad: bool = False,
-        keep_outside_landmarks: bool = False,
-        species: str | Sequence[int] | None = None,
-    ):
+    def __init__(self, root: str | Path, *, split: str | None = "train", labels: str = "species", landmarks: str = "paper",
+                 species: str | Sequence[int] | None = None, **options):
         check_split(split)
         if labels not in ("species", "bird"):
             raise ValueError(f"labels must be 'species' or 'bird', got {labels!r}")
@@ -211,14 +192,5 @@ class CUB200(PartDataset):
                     extra={"image_id": img_id},
                 )
             )
-        super().__init__(
-            records,
-            classes=[species[c - 1] for c in shown] if labels == "species" else ["bird"],
-            landmark_names=names,
-            part_names=[],
-            image_size=image_size,
-            margin=margin,
-            augment=augment,
-            skip_bad=skip_bad,
-            keep_outside_landmarks=keep_outside_landmarks,
-        )
+        classes = [species[c - 1] for c in shown] if labels == "species" else ["bird"]
+        super().__init__(records, classes=classes, landmark_names=names, part_names=[], **options)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -84,23 +84,13 @@ class CustomParts(PartDataset):
         root: the folder holding ``annotations.json``, or the JSON file itself.
         split: ``"train"``, ``"test"`` or None (all).
         annotations: the JSON file name inside ``root``.
-        image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
-            With ``skip_bad`` an invalid JSON entry is skipped (listed in ``skipped``) instead of
-            raising; structural errors (bad JSON, missing top-level keys) always raise.
+        **options: ``image_size``, ``margin``, ``augment``, ``skip_bad``, ``keep_outside_landmarks``
+            of :class:`PartDataset`. With ``skip_bad`` an invalid JSON entry is skipped (listed in
+            ``skipped``) instead of raising; structural errors (bad JSON, missing top-level keys)
+            always raise.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        split: str | None = None,
-        annotations: str = ANNOTATION_FILE,
-        image_size: int | Sequence[int] = 224,
-        margin: float = 0.0,
-        augment: bool = False,
-        skip_bad: bool = False,
-        keep_outside_landmarks: bool = False,
-    ):
+    def __init__(self, root: str | Path, *, split: str | None = None, annotations: str = ANNOTATION_FILE, **options):
         check_split(split)
         root = Path(root)
         path = root if root.is_file() else root / annotations
@@ -149,23 +139,13 @@ class CustomParts(PartDataset):
                 if "split" in entry:
                     split_of.setdefault(record.path.resolve(), (i, entry["split"]))
             except DatasetError as exc:
-                if not skip_bad:
+                if not options.get("skip_bad", False):
                     raise
                 skipped.append((f"{path}: images[{i}]", str(exc)))
                 continue
             if split is None or not any(has_split) or entry["split"] == split:
                 records.append(record)
-        super().__init__(
-            records,
-            classes=classes,
-            landmark_names=landmark_names,
-            part_names=part_names,
-            image_size=image_size,
-            margin=margin,
-            augment=augment,
-            skip_bad=skip_bad,
-            keep_outside_landmarks=keep_outside_landmarks,
-        )
+        super().__init__(records, classes=classes, landmark_names=landmark_names, part_names=part_names, **options)
         self.skipped = skipped + self.skipped
 
     @staticmethod

@@ -38,16 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (
-    DatasetError,
-    PartDataset,
-    Record,
-    check_split,
-    hash_split,
-    load_mat,
-    mat_list,
-    require_dir,
-)
+from .base import DatasetError, PartDataset, Record, check_split, hash_split, load_mat, mat_list, require_dir
 
 # wnid -> name, in the paper's Table 3 order
 CATEGORIES: dict[str, str] = {
@@ -127,23 +118,12 @@ class ILSVRCPart(PartDataset):
             present under ``root`` in the paper's order.
         parts_root: folder holding ``<wnid>/truth_part0{1,2}.mat`` (default ``root``).
         test_fraction: share of images in "test".
-        image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
+        **options: ``image_size``, ``margin``, ``augment``, ``skip_bad``, ``keep_outside_landmarks``
+            of :class:`PartDataset`.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        split: str | None = "train",
-        categories: Sequence[str] | None = None,
-        parts_root: str | Path | None = None,
-        test_fraction: float = 0.3,
-        image_size: int | Sequence[int] = 224,
-        margin: float = 0.0,
-        augment: bool = False,
-        skip_bad: bool = False,
-        keep_outside_landmarks: bool = False,
-    ):
+    def __init__(self, root: str | Path, *, split: str | None = "train", categories: Sequence[str] | None = None,
+                 parts_root: str | Path | None = None, test_fraction: float = 0.3, **options):
         check_split(split)
         self.root = root = Path(root)
         require_dir(root, "ILSVRC Animal-Part root")
@@ -199,17 +179,8 @@ class ILSVRCPart(PartDataset):
                         key=f"{cat_dir / 'img' / 'img' / filename} ({where})",
                     )
                 )
-        super().__init__(
-            records,
-            classes=[CATEGORIES[w] for w in wnids],
-            landmark_names=list(PARTS),
-            part_names=list(PARTS),
-            image_size=image_size,
-            margin=margin,
-            augment=augment,
-            skip_bad=skip_bad,
-            keep_outside_landmarks=keep_outside_landmarks,
-        )
+        super().__init__(records, classes=[CATEGORIES[w] for w in wnids], landmark_names=list(PARTS), part_names=list(PARTS),
+                         **options)
         self.wnids = wnids
 
     def _load_masks(self, record: Record, width: int, height: int) -> np.ndarray:

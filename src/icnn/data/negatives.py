@@ -30,21 +30,11 @@ class NegativeImages(PartDataset):
         test_fraction: share of images in "test".
         landmark_names, part_names: names to give NaN landmarks / empty masks for, so the
             samples batch with positives of the same shapes.
-        image_size, augment, skip_bad: see :class:`PartDataset`.
+        **options: ``image_size``, ``augment``, ``skip_bad`` of :class:`PartDataset`.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        split: str | None = None,
-        test_fraction: float = 0.3,
-        landmark_names: Sequence[str] = (),
-        part_names: Sequence[str] = (),
-        image_size: int | Sequence[int] = 224,
-        augment: bool = False,
-        skip_bad: bool = False,
-    ):
+    def __init__(self, root: str | Path, *, split: str | None = None, test_fraction: float = 0.3,
+                 landmark_names: Sequence[str] = (), part_names: Sequence[str] = (), **options):
         check_split(split)
         self.root = root = Path(root)
         files = list_images(root)
@@ -54,15 +44,7 @@ class NegativeImages(PartDataset):
             files = [f for f in files if hash_split(f.relative_to(root).as_posix(), test_fraction) == split]
         empty = np.full((len(landmark_names), 2), np.nan)
         records = [Record(path=f, label=0, box=None, landmarks=empty, key=str(f)) for f in files]
-        super().__init__(
-            records,
-            classes=["negative"],
-            landmark_names=landmark_names,
-            part_names=part_names,
-            image_size=image_size,
-            augment=augment,
-            skip_bad=skip_bad,
-        )
+        super().__init__(records, classes=["negative"], landmark_names=landmark_names, part_names=part_names, **options)
         self.split = split
 
     def _load_masks(self, record: Record, width: int, height: int) -> np.ndarray:
@@ -70,6 +52,5 @@ class NegativeImages(PartDataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
-        sample["box"] = torch.full((4,), float("nan"))
-        sample["landmarks"] = torch.full((len(self.landmark_names), 2), float("nan"))
+        sample["box"] = torch.full((4,), float("nan"))  # landmarks are NaN already: none given
         return sample

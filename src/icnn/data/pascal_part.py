@@ -43,16 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import (
-    DatasetError,
-    PartDataset,
-    Record,
-    check_split,
-    hash_split,
-    load_mat,
-    mat_list,
-    require_dir,
-)
+from .base import DatasetError, PartDataset, Record, check_split, hash_split, load_mat, mat_list, require_dir
 
 CATEGORIES = ("bird", "cat", "cow", "dog", "horse", "sheep")
 PART_ORDER = ("head", "torso", "legs", "front legs", "back legs", "tail")
@@ -154,22 +145,12 @@ class PascalPart(PartDataset):
         categories: the categories to keep, in label order (default: the six animals). For a
             single-category positive set pass one, e.g. ``("bird",)``.
         test_fraction: share of ids in "test" when no VOC split files exist.
-        image_size, margin, augment, skip_bad, keep_outside_landmarks: see :class:`PartDataset`.
+        **options: ``image_size``, ``margin``, ``augment``, ``skip_bad``, ``keep_outside_landmarks``
+            of :class:`PartDataset`.
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        split: str | None = "train",
-        categories: Sequence[str] = CATEGORIES,
-        test_fraction: float = 0.3,
-        image_size: int | Sequence[int] = 224,
-        margin: float = 0.0,
-        augment: bool = False,
-        skip_bad: bool = False,
-        keep_outside_landmarks: bool = False,
-    ):
+    def __init__(self, root: str | Path, *, split: str | None = "train", categories: Sequence[str] = CATEGORIES,
+                 test_fraction: float = 0.3, **options):
         check_split(split)
         categories = [categories] if isinstance(categories, str) else list(categories)
         unknown = [c for c in categories if c not in PART_MERGE]
@@ -222,17 +203,7 @@ class PascalPart(PartDataset):
                         key=f"{mat_path} object {k + 1}",
                     )
                 )
-        super().__init__(
-            records,
-            classes=categories,
-            landmark_names=list(LANDMARKS),
-            part_names=part_names,
-            image_size=image_size,
-            margin=margin,
-            augment=augment,
-            skip_bad=skip_bad,
-            keep_outside_landmarks=keep_outside_landmarks,
-        )
+        super().__init__(records, classes=categories, landmark_names=list(LANDMARKS), part_names=part_names, **options)
 
     def _load_masks(self, record: Record, width: int, height: int) -> np.ndarray:
         mat_path, k, cls, shape = record.parts

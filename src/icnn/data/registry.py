@@ -19,15 +19,20 @@ the training splits only ("train", "fit"): "val" and "test" keep every image.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
-import hashlib
-import re
-
 from .base import DatasetError, PartDataset
+from .cub import CUB200
+from .custom import CustomParts
+from .ilsvrc_part import ILSVRCPart
+from .negatives import NegativeImages
+from .pascal_part import CATEGORIES as PASCAL_CATEGORIES, PascalPart
+from .single_category import SingleCategory
 
 DATASETS = ("synthetic", "cub200", "pascal_part", "ilsvrc_part", "custom")
 TASKS = ("single", "multi")
@@ -76,29 +81,16 @@ def _positives(name: str, root: Path, task: str, split: str, image_size, augment
     common = dict(split=split, image_size=image_size, augment=augment)
     category = kw.pop("category", None)
     if name == "cub200":
-        from .cub import CUB200
-
         if category not in (None, "bird"):
             raise ValueError(f"cub200 has one single-category target, 'bird', got category={category!r}")
         return CUB200(root, labels="bird" if task == "single" else "species", **common, **kw)
-    if name == "pascal_part":
-        from .pascal_part import CATEGORIES, PascalPart
-
+    if name in ("pascal_part", "ilsvrc_part"):
         if task == "single":
             if category is None:
-                raise ValueError(f"pascal_part with task='single' needs category=, one of {CATEGORIES}")
+                which = f", one of {PASCAL_CATEGORIES}" if name == "pascal_part" else " (a wnid or name, e.g. 'dog')"
+                raise ValueError(f"{name} with task='single' needs category={which}")
             kw["categories"] = (category,)
-        return PascalPart(root, **common, **kw)
-    if name == "ilsvrc_part":
-        from .ilsvrc_part import ILSVRCPart
-
-        if task == "single":
-            if category is None:
-                raise ValueError("ilsvrc_part with task='single' needs category= (a wnid or name, e.g. 'dog')")
-            kw["categories"] = (category,)
-        return ILSVRCPart(root, **common, **kw)
-    from .custom import CustomParts
-
+        return (PascalPart if name == "pascal_part" else ILSVRCPart)(root, **common, **kw)
     ds = CustomParts(root, **common, **kw)
     if task == "single":
         if category is not None:
@@ -186,9 +178,6 @@ def build_dataset(
         raise DatasetError(f"{root}: no {'images' if task == 'multi' else 'positive images'} in split {split!r} of {name!r}")
     if negatives_root is None:
         raise DatasetError(f"single-category {name!r} needs negative images: --negatives DIR (negatives_root)")
-    from .negatives import NegativeImages
-    from .single_category import SingleCategory
-
     negatives = NegativeImages(
         negatives_root,
         split=base_split,

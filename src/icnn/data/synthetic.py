@@ -842,9 +842,7 @@ class SyntheticSingleCategory(_SyntheticBase):
         return _sample(out, int(positive), index)
 
 
-def synthetic_single_category(num_samples: int, *, split: str = "train", target=0,
-                              image_size=64, seed: int = 0, crop_margin: float = 0.0,
-                              **kwargs) -> SyntheticSingleCategory:
+def synthetic_single_category(num_samples: int, **kwargs) -> SyntheticSingleCategory:
     """Single-category task (paper §5.1): target objects vs everything else.
 
     Positives (label 1): a scene with an object of ``target`` (index or name), cropped by its box
@@ -861,5 +859,4 @@ def synthetic_single_category(num_samples: int, *, split: str = "train", target=
     ``classes == ["negative", <target name>]``. Sample ``i`` is drawn from
     ``default_rng([seed, split, 1 + target, i])``.
     """
-    return SyntheticSingleCategory(num_samples, split=split, target=target, image_size=image_size,
-                                   seed=seed, crop_margin=crop_margin, **kwargs)
+    return SyntheticSingleCategory(num_samples, **kwargs)

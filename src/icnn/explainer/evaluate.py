@@ -30,9 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..evaluate import EvalConfig, MetricSuite, _progress
+from ..evaluate import EvalConfig, MetricSuite
 from ..metrics.receptive_field import layer_geometry
+from ..models.net import eval_mode
 from ..task_loss import correct_count
+from ..training.loop import progress
 from .model import ExplainedNet, Explainer, performer_targets
 
 VIEWS = ("explainer", "performer_top", "performer_read")
@@ -55,9 +57,6 @@ def evaluate_explainer(performer: nn.Module, explainer: Explainer, dataset, *, l
     if n == 0:
         raise ValueError("evaluate_explainer: the dataset is empty")
     device = next(performer.parameters()).device
-    was_p, was_e = performer.training, explainer.training
-    performer.eval()
-    explainer.eval()
     top = performer.layer_names[-1]
     single = performer.num_classes == 1
     kind = "logistic" if single else "softmax"
@@ -69,8 +68,8 @@ def evaluate_explainer(performer: nn.Module, explainer: Explainer, dataset, *, l
     correct = {"performer": 0.0, "explainer": 0.0}
     rec_err = rec_norm = 0.0
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    try:
-        for batch in _progress(loader, cfg.progress, len(loader), f"evaluate explainer ({n} images)"):
+    with eval_mode(performer, explainer):
+        for batch in progress(loader, enabled=cfg.progress, total=len(loader), desc=f"evaluate explainer ({n} images)"):
             from_stem = "stem" in batch
             x = (batch["stem"] if from_stem else batch["image"]).to(device)
             perf = performer_targets(performer, x, layer, explainer.targets, from_stem=from_stem)
@@ -83,9 +82,6 @@ def evaluate_explainer(performer: nn.Module, explainer: Explainer, dataset, *, l
             maps = {"explainer": o.masked["interp2"], "performer_top": perf.maps.masked[top], "performer_read": perf.read}
             for v in VIEWS:
                 suites[v].update(maps[v], batch)
-    finally:
-        performer.train(was_p)
-        explainer.train(was_e)
     results = {v: suites[v].compute() for v in VIEWS}
     err_p, err_e = 1.0 - correct["performer"] / n, 1.0 - correct["explainer"] / n
     m: dict[str, Any] = {

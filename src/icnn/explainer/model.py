@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..mask import PartMask
-from ..models.net import FeatureMaps, InterpretableLayer
+from ..models.net import FeatureMaps, InterpretableLayer, chain_layers, eval_mode, he_init
 from ..training.distributed import all_reduce_sum, world_size
 
 
@@ -134,10 +134,7 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
 
 def _random_conv(like: nn.Conv2d, c_in: int, c_out: int) -> nn.Conv2d:
     """Same kernel/stride/padding as ``like`` (so maps align), random He init, bias 0 (§4)."""
-    conv = nn.Conv2d(c_in, c_out, like.kernel_size, like.stride, like.padding, like.dilation, bias=True)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(conv.bias)
-    return conv
+    return he_init(nn.Conv2d(c_in, c_out, like.kernel_size, like.stride, like.padding, like.dilation, bias=True))
 
 
 def split_head(head: nn.Module, reconstruct: Sequence[str] | None):
@@ -219,11 +216,7 @@ class Explainer(nn.Module):
         return self
 
     def encode(self, x_read: torch.Tensor):
-        relu, masked = {}, {}
-        x = x_read
-        for name, layer in self.layers.items():
-            relu[name], masked[name] = layer(x)  # (B, D, L, L)
-            x = masked[name]
+        relu, masked, _ = chain_layers(self.layers, x_read)  # (B, D, L, L) each
         ordin = self.ordin(x_read)  # (B, D, L, L)
         x_interp = self.norm_interp(masked["interp2"])
         ordin_hat = self.norm_ordin(ordin)
@@ -273,14 +266,12 @@ def build_explainer(performer: nn.Module, *, layer: str = "stem", reconstruct: S
     conv, bn = _first_conv(performer.layers[above].body)
     interp1 = folded_conv(conv, bn)  # conv-interp-1 = the performer's next conv (§4)
     d_in, d = conv.in_channels, conv.out_channels
-    interp2 = nn.Conv2d(d, d, kernel_size=3, padding=1, bias=True)  # 3x3xD, bias, size kept (§4), random
-    nn.init.kaiming_normal_(interp2.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(interp2.bias)
+    interp2 = he_init(nn.Conv2d(d, d, kernel_size=3, padding=1, bias=True))  # 3x3xD, bias, size kept (§4), random
     ordin = _random_conv(interp1, d_in, d)
     pool, flatten, targets, tail = split_head(performer.head, reconstruct)
     head = dict(performer.head.named_children())
     # the width of each target, from one meta-device pass of the head on an L x L map
-    feats = _head_widths(performer, above, targets)
+    feats = _head_widths(performer, targets)
     decoder, width = [], None
     for t in targets:
         m = head[t]
@@ -299,16 +290,11 @@ def build_explainer(performer: nn.Module, *, layer: str = "stem", reconstruct: S
     )
 
 
-def _head_widths(performer: nn.Module, above: str, targets: Sequence[str]) -> dict[str, int]:
+def _head_widths(performer: nn.Module, targets: Sequence[str]) -> dict[str, int]:
     """Output width of each head target, from one forward of a zero image (no grad)."""
-    was = performer.training
-    performer.eval()
-    try:
+    with eval_mode(performer):
         h, w = performer.image_size
-        dev = next(performer.parameters()).device
-        out = performer_targets(performer, torch.zeros(1, 3, h, w, device=dev), "stem", targets)
-    finally:
-        performer.train(was)
+        out = performer_targets(performer, torch.zeros(1, 3, h, w, device=next(performer.parameters()).device), "stem", targets)
     return {t: int(v.shape[-1]) for t, v in out.targets.items()}
 
 
@@ -326,20 +312,15 @@ def performer_targets(performer: nn.Module, images: torch.Tensor, layer: str, ta
 
     ``from_stem``: ``images`` are already the stem's outputs (a cached frozen stem, ``icnn.cache``)."""
     x = images if from_stem else performer.stem(performer.normalize(images))
-    read = x if layer == "stem" else None
-    relu, masked = {}, {}
-    for name, lay in performer.layers.items():
-        relu[name], masked[name] = lay(x)
-        x = masked[name]
-        if name == layer:
-            read = x
+    maps = performer.features_from_stem(x)
+    read = x if layer == "stem" else maps.masked.get(layer)
     out, wanted = {}, set(targets)
-    z = x
+    z = maps.out
     for name, m in performer.head.named_children():
         z = m(z)
         if name in wanted:
             out[name] = z.clone()  # inplace ReLUs follow fc6/fc7
-    return PerformerFeatures(read, FeatureMaps(relu, masked, x), out, z)
+    return PerformerFeatures(read, maps, out, z)
 
 
 class _Reader(nn.Module):

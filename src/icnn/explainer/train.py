@@ -51,7 +51,6 @@ performer's fc8); it needs labels, and is a baseline, not an explanation.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,6 +61,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..loss import FilterLoss
 from ..task_loss import task_loss_for
+from ..models.net import eval_mode
 from ..training.checkpoint import load_checkpoint
 from ..training.config import ConfigError, RunConfig
 from ..training.distributed import all_reduce_sum, world_size
@@ -94,7 +94,7 @@ class ExplainerConfig(RunConfig):
     weight_decay: float = 0.0  # L2 weight decay on conv/fc weights
     out: str = "runs/explain"  # output directory: checkpoint/, log.csv, log.jsonl, config.json
 
-    CHOICES: ClassVar[dict[str, tuple]] = {**RunConfig.CHOICES, "objective": ("reconstruct", "cls")}
+    CHOICES: ClassVar[dict[str, tuple]] = {**RunConfig.CHOICES, "objective": OBJECTIVES}
     SIGNED: ClassVar[tuple[str, ...]] = ("w_p_init",)
     POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr_step")  # lr 0 freezes the weights (w_p has its own)
 
@@ -105,14 +105,6 @@ class ExplainerConfig(RunConfig):
         if not 0 < self.norm_momentum <= 1:
             raise self._bad("norm_momentum", "must lie in (0, 1]")
         return self
-
-
-OBJECTIVES = ExplainerConfig.CHOICES["objective"]
-
-
-def resume_conflicts(cfg: ExplainerConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved value, cfg's value)}`` for every setting a resumed run may not change."""
-    return cfg.resume_conflicts(saved)
 
 
 def default_eta(performer: nn.Module) -> float:
@@ -314,8 +306,7 @@ class ExplainerObjective(Objective):
         device = next(self.performer.parameters()).device
         from_stem = "stem" in batch
         x = (batch["stem"] if from_stem else batch["image"]).to(device)
-        with torch.no_grad():
-            return performer_targets(self.performer, x, self.cfg.layer, self.model.targets, from_stem=from_stem)
+        return performer_targets(self.performer, x, self.cfg.layer, self.model.targets, from_stem=from_stem)  # no grad
 
     def step(self, batch) -> StepOutput:
         perf = self.targets(batch)
@@ -366,40 +357,36 @@ def train_explainer(performer: nn.Module, train_set, cfg: ExplainerConfig | None
     cfg = (cfg or ExplainerConfig()).validate()
     seed_everything(cfg.seed)  # same on every process: identical initial weights
     device = next(performer.parameters()).device
-    was_training = performer.training
-    performer.eval()
     try:
-        explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
-                                    norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init).to(device)  # fmt: skip
-        with torch.no_grad():
-            probe = train_set[0]
-            x = (probe["stem"] if "stem" in probe else probe["image"])[None].to(device)
-            read = performer_targets(performer, x, cfg.layer, (), from_stem="stem" in probe).read
-            map_size = tuple(explainer.layers["interp1"].body(read).shape[-2:])
-        kind = "logistic" if performer.num_classes == 1 else "softmax"
-        eta = default_eta(performer) if cfg.eta is None else cfg.eta
-        objective = ExplainerObjective(performer, explainer, ExplainerLoss(explainer, map_size, cfg, eta, kind), cfg)
-        run_config = {**(extra_config or {}), **cfg.to_dict(), "eta_used": eta}
-        if resume is not None:
-            saved = load_checkpoint(resume)[2]
-            for key in ("performer_weights_sha256",):
-                if key in saved and key in run_config and saved[key] != run_config[key]:
-                    raise ExplainerError(f"resume: not the performer the run in {resume} explains ({saved.get('performer')}, "
-                                         f"weights sha256 {saved[key][:12]}...)")
-        result = fit(objective, train_set, cfg, resume=resume, run_config=run_config,
-                     on_start=lambda obj, dev: obj.measure_lambda_l(train_set, dev))  # fmt: skip
+        with eval_mode(performer):  # read only: each module's own mode comes back after
+            explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
+                                        norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init).to(device)  # fmt: skip
+            with torch.no_grad():
+                probe = train_set[0]
+                x = (probe["stem"] if "stem" in probe else probe["image"])[None].to(device)
+                read = performer_targets(performer, x, cfg.layer, (), from_stem="stem" in probe).read
+                map_size = tuple(explainer.layers["interp1"].body(read).shape[-2:])
+            kind = "logistic" if performer.num_classes == 1 else "softmax"
+            eta = default_eta(performer) if cfg.eta is None else cfg.eta
+            objective = ExplainerObjective(performer, explainer, ExplainerLoss(explainer, map_size, cfg, eta, kind), cfg)
+            run_config = {**(extra_config or {}), **cfg.to_dict(), "eta_used": eta}
+            if resume is not None:
+                saved = load_checkpoint(resume)[2]
+                for key in ("performer_weights_sha256",):
+                    if key in saved and key in run_config and saved[key] != run_config[key]:
+                        raise ExplainerError(f"resume: not the performer the run in {resume} explains ({saved.get('performer')}, "
+                                             f"weights sha256 {saved[key][:12]}...)")
+            result = fit(objective, train_set, cfg, resume=resume, run_config=run_config,
+                         on_start=lambda obj, dev: obj.measure_lambda_l(train_set, dev))  # fmt: skip
     except ConfigError as exc:
         raise ExplainerError(str(exc)) from None
-    finally:
-        performer.train(was_training)
     return result
 
 
 def load_explainer(performer: nn.Module, path: str | Path) -> tuple[Explainer, ExplainerConfig]:
     """An explainer saved by :func:`train_explainer` (a run directory or its checkpoint)."""
     weights, _, config = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(ExplainerConfig)}
-    cfg = ExplainerConfig.from_dict({k: v for k, v in config.items() if k in known})
+    cfg = ExplainerConfig.from_dict({k: v for k, v in config.items() if k in ExplainerConfig.field_names()})
     explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
                                 norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init)  # fmt: skip
     explainer.load_state_dict(weights)

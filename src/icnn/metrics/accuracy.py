@@ -30,6 +30,16 @@ def _labels(labels, b: int) -> torch.Tensor:
     return labels.long()
 
 
+def _class_labels(logits: torch.Tensor, labels) -> torch.Tensor:
+    """Multi-category: ``(B, NC)`` logits and their ``(B,)`` class indices, checked, on the logits' device."""
+    if logits.dim() != 2:
+        raise MetricError(f"multi-category logits must be (B, NC), got {tuple(logits.shape)}")
+    labels = _labels(labels, logits.shape[0]).to(logits.device)
+    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
+        raise MetricError(f"labels must be class indices in [0, {logits.shape[1]})")
+    return labels
+
+
 def binary_correct(logits: torch.Tensor, labels) -> torch.Tensor:
     """Single-category: ``(B,)`` or ``(B, 1)`` logits, labels 1 / (0 or -1) -> ``(B,)`` bool correct."""
     if logits.dim() == 2 and logits.shape[1] == 1:
@@ -44,22 +54,12 @@ def binary_correct(logits: torch.Tensor, labels) -> torch.Tensor:
 
 def softmax_correct(logits: torch.Tensor, labels) -> torch.Tensor:
     """Multi-category softmax: ``(B, NC)`` logits, ``(B,)`` class indices -> ``(B,)`` bool correct."""
-    if logits.dim() != 2:
-        raise MetricError(f"multi-category logits must be (B, NC), got {tuple(logits.shape)}")
-    labels = _labels(labels, logits.shape[0]).to(logits.device)
-    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
-        raise MetricError(f"labels must be class indices in [0, {logits.shape[1]})")
-    return logits.detach().argmax(dim=1) == labels
+    return logits.detach().argmax(dim=1) == _class_labels(logits, labels)
 
 
 def logistic_correct(logits: torch.Tensor, labels) -> torch.Tensor:
     """Footnote 4: ``(B, NC)`` logits -> ``(B, NC)`` bool, each ``y_c > 0`` vs ``label == c``."""
-    if logits.dim() != 2:
-        raise MetricError(f"multi-category logits must be (B, NC), got {tuple(logits.shape)}")
-    labels = _labels(labels, logits.shape[0]).to(logits.device)
-    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
-        raise MetricError(f"labels must be class indices in [0, {logits.shape[1]})")
-    target = torch.nn.functional.one_hot(labels, logits.shape[1]).bool()
+    target = torch.nn.functional.one_hot(_class_labels(logits, labels), logits.shape[1]).bool()
     return (logits.detach() > 0) == target
 
 

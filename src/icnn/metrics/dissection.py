@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .part_iou import DEFAULT_CHUNK_BYTES, _exceeds, _mask_area, _Regions
+from .part_iou import _exceeds, _mask_area, _Regions
 from .quantile import MetricError
 
 __all__ = ["DissectionResult", "NetworkDissection"]
@@ -56,27 +56,17 @@ class NetworkDissection(_Regions):
     Args:
         thresholds: ``(C,)`` ``T_f``.
         concepts: K, or the K concept (part) names, the order of ``concept_masks``.
-        mode, centers, radius, chunk_bytes: as ``part_iou.PartInterpretability``.
         iou_threshold: 0.04 (Bau et al.).
+        **regions: ``mode``, ``centers``, ``radius``, ``chunk_bytes`` (as ``part_iou.PartInterpretability``).
 
     ``update(maps (B, C, h, w), concept_masks (B, K, H, W) bool, overlaps=None)``; ``overlaps``:
     ``overlaps(maps, concept_masks)`` of this or of a ``PartInterpretability`` with the same
     thresholds, mode, centers and radius, computed once per batch for both.
     """
 
-    def __init__(
-        self,
-        thresholds: torch.Tensor,
-        concepts: int | Sequence[str],
-        *,
-        mode: str = "upsample",
-        centers=None,
-        radius="stride",
-        iou_threshold: float = 0.04,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ):
+    def __init__(self, thresholds: torch.Tensor, concepts: int | Sequence[str], *, iou_threshold: float = 0.04, **regions):
         names = [f"concept{k}" for k in range(concepts)] if isinstance(concepts, int) else list(concepts)
-        super().__init__(thresholds, mode, centers, radius, chunk_bytes)
+        super().__init__(thresholds, **regions)
         if thresholds.dim() != 1 or not names:
             raise MetricError("thresholds must be (C,) and concepts positive")
         self.concept_names, self.iou_threshold = names, iou_threshold

@@ -92,6 +92,15 @@ def argmax_units(maps: torch.Tensor, centers) -> tuple[torch.Tensor, torch.Tenso
     return scores, ctr[flat]  # (B, C), (B, C, 2)
 
 
+def class_indices(values, n: int, num_classes: int, name: str = "labels") -> torch.Tensor:
+    """``values`` as ``(n,)`` int64 class indices in ``[0, num_classes)`` on the CPU (``None``: all 0);
+    a MetricError naming ``name`` otherwise (``"labels"``, one per image; ``"categories"``, one per filter)."""
+    values = torch.zeros(n, dtype=torch.long) if values is None else torch.as_tensor(values).long().cpu()
+    if tuple(values.shape) != (n,) or bool(((values < 0) | (values >= num_classes)).any()):
+        raise MetricError(f"{name} must be ({'B' if name == 'labels' else n},) class indices in [0, {num_classes})")
+    return values
+
+
 def _image_hw(image_hw, b: int) -> torch.Tensor:
     """``image_hw`` as ``(B, 2)`` float64 (H, W): from ``(H, W)`` or per image ``(B, 2)``."""
     hw = torch.as_tensor(image_hw, dtype=torch.float64)
@@ -249,9 +258,7 @@ class LocationInstability:
             raise MetricError("image_hw is required: (H, W) of the input images, or (B, 2)")
         if not bool(torch.isfinite(scores).all()):
             raise MetricError("scores must be finite")
-        labels = torch.zeros(b, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().cpu()
-        if tuple(labels.shape) != (b,) or (b and (labels.min() < 0 or labels.max() >= nc)):
-            raise MetricError(f"labels must be (B,) class indices in [0, {nc})")
+        labels = class_indices(labels, b, nc)
         hw = _image_hw(image_hw, b)
         scores, unit_xy, landmarks = scores.detach().cpu(), unit_xy.detach().cpu(), landmarks.detach().cpu()
 
@@ -289,13 +296,7 @@ class LocationInstability:
         d_ck, n = _population_std(self._dist, valid)  # (C, NC, K)
         parts = self.parts_of_class if self.parts_of_class is not None else self.annotated > 0
         if categories is not None:
-            categories = torch.as_tensor(categories).long().cpu()
-            if tuple(categories.shape) != (self.num_filters,) or bool(
-                ((categories < 0) | (categories >= self.num_classes)).any()
-            ):
-                raise MetricError(
-                    f"categories must be ({self.num_filters},) class indices in [0, {self.num_classes})"
-                )
+            categories = class_indices(categories, self.num_filters, self.num_classes, "categories")
         per_class, per_filter, cat = _class_scores(d_ck, parts.bool(), categories)
         per_fk = d_ck.gather(1, cat[:, None, None].expand(-1, 1, self.num_landmarks))[:, 0]
         score = _mean_finite(per_filter)

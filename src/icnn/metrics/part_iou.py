@@ -49,7 +49,7 @@ from typing import Sequence
 
 import torch
 
-from .instability import as_unit_centers
+from .instability import as_unit_centers, class_indices
 from .quantile import MetricError, exact_fraction
 
 __all__ = [
@@ -425,7 +425,10 @@ class PartInterpretabilityResult:
 
 
 class _Regions:
-    """The filter regions a metric is computed on: thresholds ``T_f``, mode, centres, radius, chunk.
+    """The filter regions a metric is computed on: thresholds ``T_f`` ``(C,)`` and the keywords
+    ``mode`` (``"upsample"`` or ``"rf"``), ``centers`` (``(h, w, 2)`` RF centres or a geometry;
+    required for ``"rf"``), ``radius`` (disk radius for ``"rf"``: pixels, ``"stride"`` (default)
+    or ``"rf"``) and ``chunk_bytes`` (memory bound of one chunk of filters).
 
     ``overlaps(maps, masks)`` is ``region_overlaps`` with these settings. The regions are the
     costly part, so metrics made with the same settings (``PartInterpretability`` and
@@ -433,7 +436,8 @@ class _Regions:
     batch and pass it to each metric's ``update(..., overlaps=)``.
     """
 
-    def __init__(self, thresholds, mode, centers, radius, chunk_bytes):
+    def __init__(self, thresholds, *, mode: str = "upsample", centers=None, radius="stride",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):  # fmt: skip
         if mode not in MODES:
             raise MetricError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "rf" and centers is None:
@@ -473,30 +477,17 @@ class PartInterpretability(_Regions):
         thresholds: ``(C,)`` ``T_f``.
         parts: P, or the P part names (the order of ``part_masks``).
         num_classes: NC (labels may be omitted when 1).
-        mode: ``"upsample"`` or ``"rf"``.
-        centers: ``(h, w, 2)`` RF centres or a geometry (required for ``"rf"``).
-        radius: disk radius for ``"rf"``: pixels, ``"stride"`` (default) or ``"rf"``.
         iou_threshold: 0.2 (paper).
-        chunk_bytes: memory bound of one chunk of filters.
+        **regions: ``mode``, ``centers``, ``radius``, ``chunk_bytes`` (see ``_Regions``).
 
     ``update(maps (B, C, h, w), part_masks (B, P, H, W) bool, labels (B,), overlaps=None)``;
     ``overlaps``: ``self.overlaps(maps, part_masks)``, computed once and shared (see ``_Regions``).
     """
 
-    def __init__(
-        self,
-        thresholds: torch.Tensor,
-        parts: int | Sequence[str],
-        num_classes: int = 1,
-        *,
-        mode: str = "upsample",
-        centers=None,
-        radius="stride",
-        iou_threshold: float = 0.2,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ):
+    def __init__(self, thresholds: torch.Tensor, parts: int | Sequence[str], num_classes: int = 1, *,
+                 iou_threshold: float = 0.2, **regions):  # fmt: skip
         names = [f"part{k}" for k in range(parts)] if isinstance(parts, int) else list(parts)
-        super().__init__(thresholds, mode, centers, radius, chunk_bytes)
+        super().__init__(thresholds, **regions)
         if thresholds.dim() != 1 or not names or num_classes <= 0:
             raise MetricError("thresholds must be (C,), parts and num_classes positive")
         self.part_names, self.num_classes = names, int(num_classes)
@@ -514,9 +505,7 @@ class PartInterpretability(_Regions):
             raise MetricError(
                 f"part_masks must be (B, P, H, W) = ({b}, {p}, H, W), got {tuple(part_masks.shape)}"
             )
-        labels = torch.zeros(b, dtype=torch.long) if labels is None else torch.as_tensor(labels).long().cpu()
-        if tuple(labels.shape) != (b,) or (b and (labels.min() < 0 or labels.max() >= nc)):
-            raise MetricError(f"labels must be (B,) class indices in [0, {nc})")
+        labels = class_indices(labels, b, nc)
         inter, area = self._overlaps(maps, part_masks, overlaps)
         mask_area = _mask_area(part_masks)  # (B, P)
         has = mask_area > 0  # images "with part k"
@@ -546,12 +535,7 @@ class PartInterpretability(_Regions):
         c = len(self.thresholds)
         if int(self.class_count.sum()) == 0:
             raise MetricError("PartInterpretability.compute() called before any update()")
-        if categories is None:
-            cat = self.default_categories()
-        else:
-            cat = torch.as_tensor(categories).long().cpu()
-            if tuple(cat.shape) != (c,) or bool(((cat < 0) | (cat >= self.num_classes)).any()):
-                raise MetricError(f"categories must be ({c},) class indices in [0, {self.num_classes})")
+        cat = self.default_categories() if categories is None else class_indices(categories, c, self.num_classes, "categories")
         p_fck = self.hits.double() / self.with_part.double()[None]  # NaN where no image with k
         p_fk = p_fck[torch.arange(c), cat]  # (C, P)
         filled = torch.nan_to_num(p_fk, nan=-1.0)

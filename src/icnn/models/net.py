@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -100,6 +101,15 @@ class InterpretableLayer(nn.Module):
         return relu, masked
 
 
+def chain_layers(layers: nn.ModuleDict, x: torch.Tensor) -> FeatureMaps:
+    """``InterpretableLayer`` s in order on ``x``, each reading the previous one's masked map (paper Fig. 2)."""
+    relu, masked = {}, {}
+    for name, layer in layers.items():
+        relu[name], masked[name] = layer(x)  # (B, C, h, w) each
+        x = masked[name]
+    return FeatureMaps(relu, masked, x)
+
+
 class InterpretableNet(nn.Module):
     """A CNN whose top conv-layers are interpretable (or its ordinary twin).
 
@@ -154,11 +164,7 @@ class InterpretableNet(nn.Module):
 
     def features_from_stem(self, x: torch.Tensor) -> FeatureMaps:
         """The interpretable layers on the stem's output (e.g. cached: ``icnn.cache``)."""
-        relu, masked = {}, {}
-        for name, layer in self.layers.items():
-            relu[name], masked[name] = layer(x)  # (B, C, h, w) each
-            x = masked[name]  # the next layer reads the masked map (paper Fig. 2)
-        return FeatureMaps(relu, masked, x)
+        return chain_layers(self.layers, x)
 
     def forward_head(self, out: torch.Tensor) -> torch.Tensor:
         return self.head(out)  # (B, num_classes)
@@ -219,18 +225,28 @@ def output_shapes(
         hooks.append(modules[name].register_forward_hook(hook))
     state = {k: torch.empty_like(v, device="meta") for k, v in model.named_parameters()}
     state.update({k: torch.empty_like(v, device="meta") for k, v in model.named_buffers()})
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # BatchNorm on a 1x1 map in training mode refuses a batch of one
     try:
-        functional_call(model, state, (torch.zeros(1, 3, h, w, device="meta"),))
+        with eval_mode(model):  # BatchNorm on a 1x1 map in training mode refuses a batch of one
+            functional_call(model, state, (torch.zeros(1, 3, h, w, device="meta"),))
     except RuntimeError as exc:
         raise ModelError(f"image size {h}x{w} is too small for this network: {str(exc).splitlines()[0]}") from None
     finally:
-        for m, training in modes:  # restore each module's own mode
-            m.training = training
         for handle in hooks:
             handle.remove()
     return shapes
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """``modules`` in eval mode inside the block; every submodule back in its own mode after it."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,15 +371,19 @@ def _pool_output(pool: nn.Module, channels: int, map_size: tuple[int, int]) -> t
 # ---------------------------------------------------------------------------------------------
 
 
-def new_conv_layer(channels: int) -> nn.Sequential:
-    """The inserted conv-layer: M filters 3x3xM with bias, zero padding 1 (size kept), ReLU.
-
-    Initialised fresh (paper §5), He-normal (fan-out) as torchvision's VGG and the original
-    MatConvNet code ("xavierimproved") do; bias 0.
-    """
-    conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=True)
+def he_init(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` initialised fresh: He-normal (fan-out), as torchvision's VGG and the original
+    MatConvNet code ("xavierimproved") do; bias 0."""
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def new_conv_layer(channels: int) -> nn.Sequential:
+    """The inserted conv-layer: M filters 3x3xM with bias, zero padding 1 (size kept), ReLU;
+    initialised fresh (paper §5, :func:`he_init`)."""
+    conv = he_init(nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=True))
     return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
 
 

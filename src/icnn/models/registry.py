@@ -1,7 +1,8 @@
 """Backbones by name: a dict and a decorator (torchvision's ``models/_api.py`` pattern).
 
 Every builder is keyword-only, ``fn(*, num_classes, interpretable=True, weights=None,
-image_size=224, **kw) -> InterpretableNet``.
+image_size=224, **kw) -> InterpretableNet`` (the image size its own default; what it does not use
+itself goes to ``assemble``).
 """
 
 from __future__ import annotations

@@ -16,52 +16,33 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, linear_head, assemble
+from .net import InterpretableNet, linear_head, assemble
 from .registry import register_model
-from .weights import WeightsError, load_backbone_weights
+from .weights import load_weights
 
 
-def resnet_net(
-    backbone: nn.Module,
-    *,
-    arch: str,
-    num_classes: int,
-    interpretable: bool,
-    weights,
-    image_size,
-    dropout: float = 0.0,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    mask: dict | None = None,
-) -> InterpretableNet:
-    if weights == "imagenet":
-        raise WeightsError(f"no ImageNet weights ship with icnn for {arch}: pass a local state dict file")
-    if weights is not None:
-        load_backbone_weights(backbone, weights, ignore=("fc.",), name=arch)
+def resnet_net(backbone: nn.Module, *, arch: str, weights=None, dropout: float = 0.0, **kw) -> InterpretableNet:
+    """A torchvision ResNet made interpretable; ``**kw``: :func:`assemble`'s (``num_classes``, ...)."""
+    load_weights(backbone, weights, arch, ignore=("fc.",))
     b = backbone
     stem = nn.Sequential(OrderedDict(
         conv1=b.conv1, bn1=b.bn1, relu=b.relu, maxpool=b.maxpool, layer1=b.layer1, layer2=b.layer2, layer3=b.layer3,
     ))  # fmt: skip
     top = nn.Sequential(OrderedDict(layer4=b.layer4))
-    return assemble(
-        stem, top, linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
-        image_size=image_size, mean=mean, std=std, mask=mask, arch=arch,
-    )
+    return assemble(stem, top, linear_head(dropout=dropout), arch=arch, **kw)
 
 
 @register_model
-def resnet18(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def resnet18(**kw) -> InterpretableNet:
     """ResNet-18; ``weights``: a torchvision ``resnet18`` state dict file."""
     from torchvision.models import resnet18 as tv_resnet18  # imported here: torchvision.models is slow to import
 
-    return resnet_net(tv_resnet18(weights=None), arch="resnet18", num_classes=num_classes,
-                      interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return resnet_net(tv_resnet18(weights=None), arch="resnet18", **kw)
 
 
 @register_model
-def resnet50(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def resnet50(**kw) -> InterpretableNet:
     """ResNet-50; ``weights``: a torchvision ``resnet50`` state dict file."""
     from torchvision.models import resnet50 as tv_resnet50
 
-    return resnet_net(tv_resnet50(weights=None), arch="resnet50", num_classes=num_classes,
-                      interpretable=interpretable, weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return resnet_net(tv_resnet50(weights=None), arch="resnet50", **kw)

@@ -17,14 +17,13 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .net import InterpretableNet, linear_head, assemble
+from .net import InterpretableNet, he_init, linear_head, assemble
 from .registry import register_model
-from .weights import WeightsError, load_backbone_weights
+from .weights import WeightsError, load_weights
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    conv = he_init(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False))
     return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(c_out), relu=nn.ReLU(inplace=True)))
 
 
@@ -44,17 +43,14 @@ class SmallFeatures(nn.Module):
 
 @register_model
 def small_cnn(
-    *, num_classes: int, interpretable: bool = True, weights=None, image_size=64,
-    width: int = 32, dropout: float = 0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), mask: dict | None = None,
+    *, weights=None, image_size=64, width: int = 32, dropout: float = 0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **kw,
 ) -> InterpretableNet:  # fmt: skip
-    """Small from-scratch CNN (64 px default); ``weights``: a file saved from ``SmallFeatures``."""
+    """Small from-scratch CNN (64 px default); ``weights``: a file saved from ``SmallFeatures``;
+    ``**kw``: :func:`assemble`'s (``num_classes``, ...)."""
     backbone = SmallFeatures(width)
     if weights == "imagenet":
         raise WeightsError("small_cnn has no ImageNet weights: it trains from scratch")
-    if weights is not None:
-        load_backbone_weights(backbone, weights, name="small_cnn")
+    load_weights(backbone, weights, "small_cnn")
     f = backbone.features
-    return assemble(
-        f[:-1], f[-1:], linear_head(dropout=dropout), num_classes=num_classes, interpretable=interpretable,
-        image_size=image_size, mean=mean, std=std, mask=mask, arch="small_cnn",
-    )
+    head = linear_head(dropout=dropout)
+    return assemble(f[:-1], f[-1:], head, image_size=image_size, mean=mean, std=std, arch="small_cnn", **kw)

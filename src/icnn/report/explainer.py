@@ -6,20 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..metrics.instability import references_text
-from .figures import filter_panel
 from .html import Figure, Section, Table, write_report
+from .run import filter_figure, panel_mask
 
 VIEW_LABELS = {"explainer": "conv-interp-2 (explainer)", "performer_top": "performer top conv-layer", "performer_read": "layer read"}
-
-
-def _panel(image: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, title: str) -> bytes:
-    h, w = image.shape[-2:]
-    heat = F.interpolate(masked[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    heat = heat / heat.max().clamp_min(1e-12)
-    return filter_panel(image, x.numpy(), mask.numpy(), masked.numpy(), heat.clamp(0, 1).numpy(), title=title)
 
 
 def summary_rows(m: dict) -> list[list]:
@@ -53,7 +45,6 @@ def write_explainer_report(path: str | Path, performer, explainer, dataset, resu
                            config: dict | None = None) -> Path:  # fmt: skip
     """``report.html`` of an evaluated explainer (``icnn.explainer.evaluate_explainer``)."""
     from ..explainer.model import performer_targets
-    from ..mask import PartMask
 
     m = result.metrics
     images = getattr(dataset, "base", dataset)  # a CachedDataset's images come from its base
@@ -75,12 +66,11 @@ def write_explainer_report(path: str | Path, performer, explainer, dataset, resu
                 mask = explainer.layers["interp2"].mask.mask(o.relu["interp2"])[0, f].cpu()
                 title = f"explainer conv-interp-2, filter {f}, image {idx}"
             else:
-                x, masked = perf.maps.relu[top][0, f].cpu(), perf.maps.masked[top][0, f].cpu()
-                relu, layer_mask = perf.maps.relu[top], performer.layers[top].mask
-                # an ordinary performer has no mask: the template a mask layer would pick
-                mask = (layer_mask.mask(relu)[0, f] if layer_mask is not None else PartMask().mask(relu[:, f : f + 1])[0, 0]).cpu()
+                relu = perf.maps.relu[top]
+                x, masked = relu[0, f].cpu(), perf.maps.masked[top][0, f].cpu()
+                mask = panel_mask(performer.layers[top].mask, relu[0, f], f, relu.shape[1]).cpu()  # ordinary: a mask's template
                 title = f"performer {top}, filter {f}, image {idx}"
-            figures.append(Figure(_panel(image, x, mask, masked, title), title))
+            figures.append(Figure(filter_figure(image, x, mask, masked, title), title))
     panels_sec = Section("Filters: explainer (left) and performer (right)", figures=figures,
                          text="Each filter on the image that activates it most: map after ReLU, mask (an ordinary performer has "
                               "none: the template a mask layer would pick), masked map, receptive field.")  # fmt: skip

@@ -85,7 +85,10 @@ def _new_figure(width: float, height: float, constrained: bool = True) -> MplFig
     return fig
 
 
-def _png(fig: MplFigure) -> bytes:
+def _png(fig: MplFigure, title: str = "") -> bytes:
+    """The figure as PNG bytes, under ``title`` when one is given."""
+    if title:
+        fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
     # No "Software" text chunk: the PNG carries no URL and is byte-identical across runs.
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -153,9 +156,7 @@ def filter_panel(image: Any, x: Any, mask: Any, masked: Any, rf: Any, *, title: 
         heat = cm.ScalarMappable(colors.Normalize(0, 1), cmap="inferno")
         bar = fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.03)
         bar.ax.set_visible(not is_bool)  # a bool region has no scale; the bar's room keeps panels aligned
-        if title:
-            fig.suptitle(title, fontsize=11)
-        return _png(fig)
+        return _png(fig, title)
 
 
 def top_images(
@@ -201,9 +202,7 @@ def top_images(
             _overlay(ax, img, region, is_bool)
             label = f"#{i + 1}" if scores is None else f"#{i + 1}   {float(scores[i]):.3g}"
             ax.set_title(label, fontsize=9)
-        if title:
-            fig.suptitle(title, fontsize=11)
-        return _png(fig)
+        return _png(fig, title)
 
 
 def part_heatmap(
@@ -252,9 +251,7 @@ def part_heatmap(
                 labels = [str(row_names[i]) if row_names is not None else str(i) for i in order]
                 ax_heat.set_yticks(range(len(order)), labels)
             _part_bars(ax_bar, counts, names, f"{row_label}s")
-        if title:
-            fig.suptitle(title, fontsize=11)
-        return _png(fig)
+        return _png(fig, title)
 
 
 def _best_part_counts(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,7 +18,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -109,14 +108,14 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _lookup(metrics: Mapping[str, Any], key: str) -> Any:
-    """``metrics[key]``, or a dotted path into nested dicts (``"instability.layer"``); NaN if absent."""
+def _lookup(metrics: Mapping[str, Any], key: str, absent: Any = float("nan")) -> Any:
+    """``metrics[key]``, or a dotted path into nested dicts (``"instability.layer"``); ``absent`` if absent."""
     if key in metrics:
         return metrics[key]
     node: Any = metrics
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return float("nan")
+            return absent
         node = node[part]
     return node
 
@@ -196,6 +195,14 @@ def _render_figure(fig: Figure) -> str:
     )
 
 
+def render_section(sid: str, s: Section) -> str:
+    """One ``<section id="sid">``: its title, text, tables and figures."""
+    parts = [f'<section id="{sid}"><h2>{_e(s.title)}</h2>', _render_text(s.text), *(_render_table(t) for t in s.tables)]
+    if s.figures:
+        parts.append('<div class="grid">' + "".join(_render_figure(f) for f in s.figures) + "</div>")
+    return "\n".join([*parts, "</section>"])
+
+
 def _css() -> str:
     return resources.files(__package__).joinpath("report.css").read_text(encoding="utf-8")
 
@@ -230,13 +237,7 @@ def render_report(
         toc = "".join(f'<li><a href="#{i}">{_e(s.title)}</a></li>' for i, s in zip(ids, sections))
         body.append(f'<nav aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>')
     body.append("<main>")
-    for sid, s in zip(ids, sections):
-        body.append(f'<section id="{sid}"><h2>{_e(s.title)}</h2>')
-        body.append(_render_text(s.text))
-        body.extend(_render_table(t) for t in s.tables)
-        if s.figures:
-            body.append('<div class="grid">' + "".join(_render_figure(f) for f in s.figures) + "</div>")
-        body.append("</section>")
+    body.extend(render_section(sid, s) for sid, s in zip(ids, sections))
     if config is not None:
         text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
         body.append(
@@ -258,35 +259,17 @@ def render_report(
     )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_report(
-    path: str | os.PathLike,
-    title: str,
-    sections: Sequence[Section],
-    **kwargs: Any,
-) -> Path:
-    """Renders the report and writes it atomically (temp file in the same folder + ``os.replace``).
+def write_report(path: str | os.PathLike, title: str, sections: Sequence[Section], **kwargs: Any) -> Path:
+    """Renders the report and writes it atomically (``training.checkpoint.atomic_write_bytes``:
+    temp file in the same folder + ``os.replace``).
 
     A reader never sees a half-written file, and a failed write leaves no temp file behind.
     ``kwargs`` go to :func:`render_report` (``config``, ``meta``). Returns the path written.
     """
+    from ..training.checkpoint import atomic_write_bytes
+
     path = Path(path)
     text = render_report(title, sections, **kwargs)  # render first: a rendering error writes nothing
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path

@@ -14,7 +14,7 @@ import torch
 
 from ..metrics.instability import REFERENCE_NAMES
 from . import figures
-from .html import Figure, Section, Table, comparison_section, write_report
+from .html import Figure, Section, Table, _lookup, comparison_section, write_report
 
 # what the comparison table shows, in order (dotted keys into metrics.json)
 COMPARISON_KEYS = [
@@ -49,14 +49,22 @@ def _shown_filters(per_filter: dict, count: int) -> list[int]:
     return [int(i) for i in np.argsort(score, kind="stable")[:count]]
 
 
-def _panel_mask(mask_layer, relu: torch.Tensor, f: int, channels: int) -> torch.Tensor:
+def filter_figure(image: torch.Tensor, relu: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, title: str) -> bytes:
+    """Paper Fig. 4 of one filter on ``image``: ``relu``, ``mask`` and ``masked`` ``(h, w)``, and the
+    masked map upsampled to the image (bilinear) relative to its maximum, as its RF."""
+    size = tuple(image.shape[-2:])
+    heat = torch.nn.functional.interpolate(masked[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    return figures.filter_panel(image, relu, mask, masked, heat / heat.max().clamp_min(1e-12), title=title)
+
+
+def panel_mask(mask_layer, relu: torch.Tensor, f: int, channels: int) -> torch.Tensor:
     """Filter ``f``'s mask on one ``relu (h, w)`` map; an ordinary layer (no mask) shows the
     template a mask layer would pick."""
     from ..mask import PartMask
 
     if mask_layer is None:
         return PartMask().mask(relu[None, None])[0, 0]
-    x = torch.zeros(1, channels, *relu.shape)
+    x = torch.zeros(1, channels, *relu.shape, device=relu.device)
     x[0, f] = relu  # masks act per filter (an adaptive mask has a slope per filter)
     return mask_layer.mask(x)[0, f]
 
@@ -80,10 +88,8 @@ def _filter_figures(name: str, model, dataset, result, layer: str, count: int, t
         images = torch.stack([images_of[i]["image"] for i in idx])
         masked, relu = top_maps[f, : len(idx), 0:1], top_maps[f, : len(idx), 1]
         regions = filter_regions(masked, thresholds[f : f + 1], tuple(images.shape[-2:]), centers=geom)[:, 0]
-        m = _panel_mask(mask_layer, relu[0], f, top_maps.shape[0])
-        heat = torch.nn.functional.interpolate(masked[:1], size=images.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-        heat = heat / heat.max().clamp_min(1e-12)
-        panels.append(Figure(figures.filter_panel(images[0], relu[0], m, masked[0, 0], heat, title=f"{name}: filter {f}"),
+        m = panel_mask(mask_layer, relu[0], f, top_maps.shape[0])
+        panels.append(Figure(filter_figure(images[0], relu[0], m, masked[0, 0], f"{name}: filter {f}"),
                              f"{name}, filter {f} on its top image: x, mask, masked x, RF (paper Fig. 4)"))  # fmt: skip
         scores = masked.reshape(len(idx), -1).amax(-1).tolist()
         tops.append(Figure(figures.top_images(list(images), list(regions.numpy()), scores, ncols=min(6, len(idx)), title=f"{name}: filter {f}"),
@@ -98,22 +104,18 @@ def run_sections(name: str, model, dataset, result, *, layer: str = "new", panel
                                 "location_instability_firing", "part_interpretability", "silent_fraction", "silent_in_top") if k in m]  # fmt: skip
     if "filters_per_category" in m:
         rows.append(["filters per category", ", ".join(f"{c} {n}" for c, n in m["filters_per_category"].items())])
-    for k, v in m.get("instability_references", {}).items():
-        rows.append([f"instability reference: {k}", v])
-    for k, v in m.get("part_interpretability_references", {}).items():
-        rows.append([f"part interpretability reference: {k}", v])
+    rows += [[f"instability reference: {k}", v] for k, v in m.get("instability_references", {}).items()]
+    rows += [[f"part interpretability reference: {k}", v] for k, v in m.get("part_interpretability_references", {}).items()]
     per_ref = m.get("instability_references_per_landmark", {})
     for k, v in m.get("instability_per_landmark", {}).items():
         refs = [f"{r.replace('_', ' ')} {per_ref[r][k]:.4f}" for r in ("random_unit", "best_fixed_unit") if k in per_ref.get(r, {})]
         rows.append([f"instability, {k}" + (f" ({', '.join(refs)})" if refs else ""), v])
-    for k, v in m.get("instability_landmark_units", {}).items():
-        rows.append([f"instability reference: a filter on the {k}'s unit on every image", v])
-    for k, v in m.get("collapse", {}).items():
-        rows.append([f"collapse: {k.replace('_', ' ')}", v if not isinstance(v, dict) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())])
-    for k, v in m.get("part_interpretability_per_part", {}).items():
-        rows.append([f"part interpretability, {k}", v])
-    for k, v in m.get("dissection", {}).items():
-        rows.append([k.replace("_", " "), v])
+    units = m.get("instability_landmark_units", {})
+    rows += [[f"instability reference: a filter on the {k}'s unit on every image", v] for k, v in units.items()]
+    rows += [[f"collapse: {k.replace('_', ' ')}", v if not isinstance(v, dict) else ", ".join(f"{a} {b:.2f}" for a, b in v.items())]
+             for k, v in m.get("collapse", {}).items()]  # fmt: skip
+    rows += [[f"part interpretability, {k}", v] for k, v in m.get("part_interpretability_per_part", {}).items()]
+    rows += [[k.replace("_", " "), v] for k, v in m.get("dissection", {}).items()]
     sections = [Section(f"{name}: metrics", tables=[Table(["metric", "value"], rows, caption=f"{name}, layer {m.get('layer')}")])]
     panel_figs, top_figs = _filter_figures(name, model, dataset, result, layer, panels, top)
     sections.append(Section(f"{name}: filters (paper Fig. 4, 5)", figures=panel_figs + top_figs))
@@ -159,19 +161,11 @@ def write_comparison_report(path, runs: dict[str, tuple[Any, Any, Any]], *, titl
     ``runs``: name -> (model, dataset, EvalResult), e.g. ``{"ordinary": ..., "interpretable": ...}``.
     """
     metrics = {name: r[2].metrics for name, r in runs.items()}
-    comp = comparison_section(metrics, [k for k in COMPARISON_KEYS if any(_has(m, k) for m in metrics.values())],
-                              title="Comparison", text=text)
+    absent = object()
+    shown = [k for k in COMPARISON_KEYS if any(_lookup(m, k, absent) is not absent for m in metrics.values())]
+    comp = comparison_section(metrics, shown, title="Comparison", text=text)
     comp.figures.extend(_bars(metrics))
     sections = [comp]
     for name, (model, dataset, result) in runs.items():
         sections += run_sections(name, model, dataset, result)
     return write_report(path, title, sections, config=config, meta=meta)
-
-
-def _has(metrics: dict, key: str) -> bool:
-    cur: Any = metrics
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return False
-        cur = cur[part]
-    return True

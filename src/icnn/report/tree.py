@@ -85,9 +85,7 @@ def tree_figure(tree, *, layers: int = 3, top_filters: int = 3, title: str = "")
         ax.set_xlim(-0.7, width - 0.3)
         ax.set_ylim(-depth - 0.6, -0.4)
         ax.set_axis_off()
-        if title:
-            fig.suptitle(title, fontsize=11)
-        return _png(fig)
+        return _png(fig, title)
 
 
 def explanation_figure(
@@ -146,9 +144,7 @@ def explanation_figure(
             ax.set_xticks(range(len(values)), names, rotation=30, ha="right")
             ax.set_title("part contributions")
             ax.spines[["top", "right"]].set_visible(False)
-        if title:
-            fig.suptitle(title, fontsize=11)
-        return _png(fig)
+        return _png(fig, title)
 
 
 def metrics_table(metrics: Mapping[str, Mapping[str, Any]], caption: str = "") -> Table:

@@ -5,13 +5,12 @@ and the "Visualisations" section spliced into an existing report (between
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .html import ReportError
+from .html import ReportError, render_section
 
 SECTION_TITLE = "Visualisations"
 SECTION_ID = "visualisations"
@@ -40,9 +39,9 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def contribution_figure(rgb: np.ndarray, columns: list[str], counts: list[int], shares: list[float], title: str) -> bytes:
     """The overlay next to a horizontal bar per part: ``"head (58 filters)"`` and its share in %."""
-    from matplotlib.figure import Figure as MplFigure  # no pyplot: no GUI backend, no global state
+    from .figures import _new_figure, _png  # no pyplot: no GUI backend, no global state
 
-    fig = MplFigure(figsize=(6.4, 2.8), layout="constrained")
+    fig = _new_figure(6.4, 2.8)
     ax_img, ax_bar = fig.subplots(1, 2, width_ratios=(1, 1.4))
     ax_img.imshow(rgb)
     ax_img.set_axis_off()
@@ -61,26 +60,13 @@ def contribution_figure(rgb: np.ndarray, columns: list[str], counts: list[int], 
     lo, hi = min(0.0, *pct), max(0.0, *pct)
     pad = 0.25 * (hi - lo or 1.0)
     ax_bar.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
-
-
-def _section_html(section) -> str:
-    """The ``<section>`` of ``section`` as rendered by ``icnn.report``, with a fixed id."""
-    from .html import render_report
-
-    page = render_report("x", [section])
-    m = re.search(r'<section id="[^"]*">.*?</section>', page, flags=re.S)
-    return re.sub(r'^<section id="[^"]*">', f'<section id="{SECTION_ID}">', m.group(0))
+    return _png(fig)
 
 
 def splice_section(page: str, section) -> str | None:
     """``page`` (an icnn report) with the visualisations section in it (replacing an earlier one);
     ``None`` when ``page`` is not an icnn report."""
-    block = f"{BEGIN}\n{_section_html(section)}\n{END}"
+    block = f"{BEGIN}\n{render_section(SECTION_ID, section)}\n{END}"
     if BEGIN in page and END in page:
         start, stop = page.index(BEGIN), page.index(END) + len(END)
         return page[:start] + block + page[stop:]

@@ -151,13 +151,19 @@ def _tensors(obj: Any, prefix: str):
             yield from _tensors(v, f"{prefix}.{i}")
 
 
+def first_nonfinite(tensors) -> str | None:
+    """The name of the first floating tensor among ``(name, tensor)`` pairs holding a NaN/inf, or None."""
+    bad = (name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    return next(bad, None)
+
+
 def check_finite(tensors: dict[str, torch.Tensor], state: dict[str, Any] | None = None) -> None:
     """Raises NonFiniteLossError naming the first floating tensor (of the model's, then of the
     state's) holding a NaN/inf."""
-    for name, t in (*tensors.items(), *_tensors(state or {}, "state")):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteLossError(f"non-finite values in {name}: the checkpoint was not written (the last one on disk "
-                                     "is kept); training stopped (lower --lr or --lambda)")
+    name = first_nonfinite([*tensors.items(), *_tensors(state or {}, "state")])
+    if name is not None:
+        raise NonFiniteLossError(f"non-finite values in {name}: the checkpoint was not written (the last one on disk "
+                                 "is kept); training stopped (lower --lr or --lambda)")
 
 
 def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, state: dict[str, Any], config: dict[str, Any]) -> Path:

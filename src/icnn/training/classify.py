@@ -81,7 +81,7 @@ def build_filter_losses(model: nn.Module, *, num_classes: int = 2, negative_clas
         try:
             losses[name] = FilterLoss(channels, num_classes, map_size=(h, w), **kwargs)
         except (TypeError, ValueError) as exc:  # an unknown key or bad value of the filter_loss table
-            raise ConfigError(f"filter_loss: {exc}", field="filter_loss", reason=str(exc)) from None
+            raise ConfigError(field="filter_loss", reason=str(exc)) from None
     return losses
 
 
@@ -90,8 +90,7 @@ def freeze_stem(model: nn.Module) -> nn.Module:
     eval mode in every epoch (BatchNorm uses and keeps its pretrained statistics)."""
     stem = getattr(model, "stem", None)
     if not isinstance(stem, nn.Module) or next(stem.parameters(), None) is None:
-        reason = "this model has no stem with parameters to freeze"
-        raise ConfigError(f"freeze_stem: {reason}", field="freeze_stem", reason=reason)
+        raise ConfigError(field="freeze_stem", reason="this model has no stem with parameters to freeze")
     return stem.requires_grad_(False).eval()
 
 
@@ -182,8 +181,7 @@ class ClassifierObjective(Objective):
         self.task_loss = task_loss_for(cfg.task, cfg.multi_loss)
         on = cfg.filter_loss.get("on", "relu")
         if on not in ("relu", "masked"):
-            raise ConfigError(f"filter_loss: on must be 'relu' or 'masked', got {on!r}", field="filter_loss",
-                              reason=f"on must be 'relu' or 'masked', got {on!r}")  # fmt: skip
+            raise ConfigError(field="filter_loss", reason=f"on must be 'relu' or 'masked', got {on!r}")
         self.filter_losses = build_filter_losses(model, num_classes=num_classes, image_size=cfg.image_size, cfg=cfg.filter_loss,
                                                  negative_class=0 if cfg.task == "single" else None)  # fmt: skip
         self.frozen = freeze_stem(model) if cfg.freeze_stem else None
@@ -270,11 +268,6 @@ def build_model_for(cfg: TrainConfig, num_classes: int) -> nn.Module:
                        **({"mask": dict(cfg.mask)} if cfg.mask else {}))  # fmt: skip
 
 
-def head_classes(cfg: TrainConfig, dataset) -> int:
-    """Outputs of the head: 1 for single-category (logistic on +-1 labels), else one per class."""
-    return 1 if cfg.task == "single" else len(dataset.classes)
-
-
 def build_dataset_for(cfg: TrainConfig, split: str, *, augment: bool = False, **overrides):
     """``icnn.data.build_dataset`` with this config's dataset settings (``overrides`` on top)."""
     from ..data import build_dataset
@@ -313,7 +306,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, model: nn.Modul
         if cfg.eval_split:
             eval_set = build_dataset_for(cfg, cfg.eval_split)
     if model is None:
-        model = build_model_for(cfg, head_classes(cfg, train_set))
+        model = build_model_for(cfg, 1 if cfg.task == "single" else len(train_set.classes))  # single: one logistic output
     objective = ClassifierObjective(model, cfg, num_classes=len(train_set.classes))
     if cfg.freeze_stem and not getattr(train_set, "augment", False):
         cache = cache or stem_cache_for(model, cfg)

@@ -30,11 +30,11 @@ class ConfigError(ValueError):
     """A bad configuration (unknown key, bad value); printed as one line by the CLI.
 
     ``field`` names the offending config field (``None`` when not about one field) and
-    ``reason`` says what is wrong; ``str(err)`` is ``"<field>: <reason>"``.
+    ``reason`` says what is wrong; ``str(err)`` is ``"<field>: <reason>"`` unless a message is given.
     """
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None):
-        super().__init__(message)
+    def __init__(self, message: str | None = None, *, field: str | None = None, reason: str | None = None):
+        super().__init__(f"{field}: {reason}" if message is None else message)
         self.field = field
         self.reason = reason if reason is not None else message
 
@@ -49,8 +49,7 @@ class Config:
 
     # ------------------------------------------------------------------ rules
     def _bad(self, name: str, why: str) -> ConfigError:
-        reason = f"{why} (got {getattr(self, name)!r})"
-        return ConfigError(f"{name}: {reason}", field=name, reason=reason)
+        return ConfigError(field=name, reason=f"{why} (got {getattr(self, name)!r})")
 
     def validate(self):
         """Checks every field by its annotation and the rule tables; ConfigError naming the first bad one."""
@@ -117,9 +116,20 @@ class Config:
                 if k not in self.RESUME_OVERRIDABLE and k in saved and saved[k] != now[k]}  # fmt: skip
 
     @classmethod
+    @functools.cache
     def field_help(cls) -> dict[str, str]:
         """Each field's trailing comment in the class body (the flags' help), base classes included."""
-        return _field_comments(cls)
+        out: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            if not dataclasses.is_dataclass(klass):
+                continue
+            try:
+                source = inspect.getsource(klass)
+            except (OSError, TypeError):  # no source (frozen app): flags keep their names only
+                continue
+            for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^\n#]*#\s*(.+)$", source, flags=re.M):
+                out[m.group(1)] = m.group(2).strip()
+        return out
 
 
 @dataclass
@@ -173,21 +183,6 @@ class RunConfig(Config):
         return self
 
 
-@functools.cache
-def _field_comments(cls) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # no source (frozen app): flags keep their names only
-            continue
-        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^\n#]*#\s*(.+)$", source, flags=re.M):
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
 @dataclass
 class TrainConfig(RunConfig):
     # --- model ---
@@ -234,8 +229,7 @@ class TrainConfig(RunConfig):
             try:
                 PartMask(**self.mask)
             except (TypeError, ValueError) as exc:
-                reason = str(exc).splitlines()[0]
-                raise ConfigError(f"mask: {reason}", field="mask", reason=reason) from None
+                raise ConfigError(field="mask", reason=str(exc).splitlines()[0]) from None
         return self
 
     def resume_conflicts(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -130,8 +130,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {name!r} requested but CUDA is not available", field="device",
-                              reason=f"{name!r} requested but CUDA is not available")  # fmt: skip
+            raise ConfigError(field="device", reason=f"{name!r} requested but CUDA is not available")
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device: {name!r}: only {torch.cuda.device_count()} CUDA device(s)", field="device",
@@ -207,14 +206,6 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def _nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating tensor with a NaN/inf, or None."""
-    for name, t in tensors.items():
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +372,7 @@ def _fit(objective, train_set, cfg, device, denv, resume, eval_set, run_config, 
                 optimizer.zero_grad(set_to_none=True)
                 _backward_step(out_.total, optimizer, scaler, objective, cfg.grad_clip, where)
                 objective.after_step()
-                bad_buffer = _nonfinite(buffers)
+                bad_buffer = ckpt_io.first_nonfinite(buffers.items())
                 if bad_buffer is not None:
                     raise NonFiniteLossError(f"non-finite buffer {bad_buffer} after the step {where}; training stopped, "
                                              "the last checkpoint is untouched (lower --lr or --lambda)")  # fmt: skip
