@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .categories import assign_categories
 from .metrics.collapse import FilterCollapse
-from .metrics.instability import LocationInstability, landmark_distances
+from .metrics.instability import LocationInstability
 from .metrics.quantile import TopQuantile
 from .metrics.receptive_field import layer_geometry, unit_centers
 from .models.net import eval_mode
@@ -179,10 +179,8 @@ class MetricSuite:
         scores = scores.double()
         unit_xy = self.centers.reshape(-1, 2)[flat_idx]  # (B, C, 2)
         landmarks = batch["landmarks"].float().cpu() if self.landmark_names else None
-        if self.inst is not None:
-            self.inst.update(scores, unit_xy, landmarks, labels, self.image_hw)
-        dist = landmark_distances(unit_xy, landmarks, self.image_hw) if landmarks is not None else None
-        self.collapse.update(scores, flat_idx, labels, dist)
+        dist = self.inst.update(scores, unit_xy, landmarks, labels, self.image_hw) if self.inst is not None else None
+        self.collapse.update(scores, flat_idx, labels, dist)  # the peaks' landmark distances, computed once
         masks = batch.get("part_masks")
         # thresholds over the images that can show parts (paper §5.2.1: the category's images;
         # single-category negatives would otherwise set the ordinary net's thresholds)

@@ -20,6 +20,7 @@ from icnn.explainer import (
     ExplainerLoss,
     build_explainer,
     evaluate_explainer,
+    load_explainer,
     performer_targets,
     train_explainer,
 )
@@ -264,6 +265,28 @@ def test_resume_refuses_a_config_that_changes_what_it_computes(tmp_path):
         train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=2, lambda_f_scale=3.0), resume=tmp_path / "run")
     res = train_explainer(perf, tiny_set(n=8), cfg(tmp_path, epochs=2, log_every=1), resume=tmp_path / "run")  # how it runs: fine
     assert [h["epoch"] for h in res.history] == [2]  # the epoch this call trained
+
+
+def test_load_explainer_gives_the_trained_explainers_outputs(tmp_path):
+    """The architecture comes from the run's config (here a non-default reconstruction target and
+    norm momentum), the weights and norm statistics from its checkpoint: the loaded explainer, in
+    eval mode, computes exactly what the trained one does, from the run or its checkpoint."""
+    perf = fc_performer()
+    c = cfg(tmp_path, epochs=2, reconstruct=["fc6"], norm_momentum=0.5)
+    res = train_explainer(perf, tiny_set(n=8, size=16), c)
+    x = torch.stack([tiny_set("test", 4, size=16)[i]["image"] for i in range(4)])
+    read = performer_targets(perf, x, "stem", ()).read
+    want = res.model.eval()(read)
+    for path in (tmp_path / "run", res.checkpoint):
+        ex, saved = load_explainer(perf, path)
+        assert saved == c and not ex.training and ex.targets == ["fc6"]
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(want), _tensors(ex(read)), strict=True))
+
+
+def _tensors(out):
+    """An ExplainerOutput's tensors, in order (its dicts' values and lists' items)."""
+    for v in out:
+        yield from v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
 
 
 # --------------------------------------------------------------------------------- performer untouched

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttributionError, OutputSelector, analysis_mode, resolve_layer, select_output, unwrap_model
+from .base import AttributionError, OutputSelector, Releasable, analysis_mode, resolve_layer, select_output, unwrap_model
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _zoom(x: torch.Tensor, s: float) -> torch.Tensor:
     return F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
 
 
-class ActivationMaximization:
+class ActivationMaximization(Releasable):
     """Images that maximise a filter of ``layer`` (or, with ``layer=None``, a class logit).
 
     Args:
@@ -189,9 +189,3 @@ class ActivationMaximization:
         """Drop the references to the model (no hooks are held between calls)."""
         self.model = None
         self.layer = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -142,7 +142,17 @@ def minmax_normalize(a: torch.Tensor) -> torch.Tensor:
     return out.view_as(a)
 
 
-class Attribution:
+class Releasable:
+    """A method object as a context manager: ``release()`` (the model's references dropped) on exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Attribution(Releasable):
     """Base of the per-image methods: ``method(images, target=None, normalize=False, upsample=False)``.
 
     Subclasses implement ``_attribute(x) -> (B, h, w) or (B, C, H, W)`` with ``self._scorer`` as
@@ -192,9 +202,3 @@ class Attribution:
         """Drop the references to the model (no hooks are held between calls)."""
         self.model = None
         self._scorer = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -68,26 +68,15 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def existing_dir(flag: str, value: str | None) -> str | None:
-    if value is not None and not Path(value).is_dir():
-        raise UsageError(f"{flag} {value}: no such directory")
-    return value
-
-
-def existing_file(flag: str, value: str | None) -> str | None:
-    if value is not None and not Path(value).is_file():
-        raise UsageError(f"{flag} {value}: no such file")
-    return value
-
-
 def existing_paths(cfg) -> None:
     """The paths and names a TrainConfig refers to exist (one line naming the flag otherwise)."""
     from icnn.models import list_models
 
     if cfg.root is not None and not Path(cfg.root).exists():
         raise UsageError(f"--root {cfg.root}: no such file or directory")
-    existing_dir("--negatives", cfg.negatives_root)
-    if cfg.weights not in (None, "imagenet"):
-        existing_file("--weights", cfg.weights)
+    if cfg.negatives_root is not None and not Path(cfg.negatives_root).is_dir():
+        raise UsageError(f"--negatives {cfg.negatives_root}: no such directory")
+    if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
+        raise UsageError(f"--weights {cfg.weights}: no such file")
     if cfg.arch not in list_models():
         raise UsageError(f"--arch {cfg.arch}: unknown architecture (choose one of {', '.join(list_models())})")

@@ -201,14 +201,9 @@ def crop_region(box: Box, margin: float, width: int, height: int) -> Box:
     return c
 
 
-def crop_scale(crop: Box, out_hw: tuple[int, int]) -> tuple[float, float]:
-    """``(sx, sy)`` of the crop -> output map."""
-    return out_hw[1] / (crop[2] - crop[0]), out_hw[0] / (crop[3] - crop[1])
-
-
 def transform_points(points: np.ndarray, crop: Box, out_hw: tuple[int, int]) -> np.ndarray:
     """Map ``(K, 2)`` source points ``(x, y)`` into the resized crop (NaN stays NaN)."""
-    sx, sy = crop_scale(crop, out_hw)
+    sx, sy = out_hw[1] / (crop[2] - crop[0]), out_hw[0] / (crop[3] - crop[1])  # the crop -> output map
     return ((points - np.array(crop[:2], dtype=np.float64)) * np.array([sx, sy])).astype(np.float32)
 
 

@@ -3,9 +3,10 @@ Networks", paper 003; SPEC §4): a frozen performer, an encoder that disentangle
 into part filters (interpretable track + ordinary track, ``p = sigmoid(w_p)``), a decoder that
 reconstructs the performer's fc features.
 
-    from icnn.explainer import ExplainerConfig, train_explainer, evaluate_explainer
+    from icnn.explainer import ExplainerConfig, train_explainer, evaluate_explainer, load_explainer
     result = train_explainer(performer, train_set, ExplainerConfig(epochs=5, out="runs/explain"))
-    ev = evaluate_explainer(performer, result.explainer, test_set)
+    ev = evaluate_explainer(performer, result.model, test_set)
+    explainer, cfg = load_explainer(performer, "runs/explain")  # later: the trained explainer again
 """
 
 from .evaluate import ExplainerEval, evaluate_explainer

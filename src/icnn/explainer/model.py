@@ -132,11 +132,6 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
     return out
 
 
-def _random_conv(like: nn.Conv2d, c_in: int, c_out: int) -> nn.Conv2d:
-    """Same kernel/stride/padding as ``like`` (so maps align), random He init, bias 0 (§4)."""
-    return he_init(nn.Conv2d(c_in, c_out, like.kernel_size, like.stride, like.padding, like.dilation, bias=True))
-
-
 def split_head(head: nn.Module, reconstruct: Sequence[str] | None):
     """Splits a performer head (``nn.Sequential`` of named modules) for the explainer.
 
@@ -267,7 +262,8 @@ def build_explainer(performer: nn.Module, *, layer: str = "stem", reconstruct: S
     interp1 = folded_conv(conv, bn)  # conv-interp-1 = the performer's next conv (§4)
     d_in, d = conv.in_channels, conv.out_channels
     interp2 = he_init(nn.Conv2d(d, d, kernel_size=3, padding=1, bias=True))  # 3x3xD, bias, size kept (§4), random
-    ordin = _random_conv(interp1, d_in, d)
+    # conv-ordin: conv-interp-1's kernel, stride and padding (so the maps align), random, bias 0 (§4)
+    ordin = he_init(nn.Conv2d(d_in, d, interp1.kernel_size, interp1.stride, interp1.padding, interp1.dilation, bias=True))
     pool, flatten, targets, tail = split_head(performer.head, reconstruct)
     head = dict(performer.head.named_children())
     # the width of each target, from one meta-device pass of the head on an L x L map

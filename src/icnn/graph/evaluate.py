@@ -34,9 +34,10 @@ import math
 import torch
 
 from icnn.metrics.instability import LocationInstability, instability_references
+from icnn.training.loop import progress
 
 from .config import GraphError
-from .features import FeatureStore, LayerInfo, progress
+from .features import FeatureStore, LayerInfo
 from .match import Match, check_features, match
 
 
@@ -52,7 +53,7 @@ def raw_filters(features: FeatureStore, *, chunk_images: int | None = None, sigm
         pos = torch.empty(features.num_images, info.channels, 2)
         score = torch.empty(features.num_images, info.channels)
         batches = features.batches(chunk_images or features.chunk_size)
-        for a, b in progress(batches, len(batches), f"graph: raw {info.name}", progress_bar):
+        for a, b in progress(batches, enabled=progress_bar, total=len(batches), desc=f"graph: raw {info.name}"):
             best, flat = features.read(l, a, b, sigma_neg=sigma_neg).flatten(2).max(-1)  # (B, C)
             pos[a:b] = torch.stack((flat // info.size[1], flat % info.size[1]), -1).float()
             score[a:b] = best.clamp_min(torch.finfo(best.dtype).tiny).log()

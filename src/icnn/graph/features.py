@@ -22,7 +22,6 @@ forward stops after the topmost chosen layer.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from icnn.training.loop import progress
 
 from .config import GraphError
 
@@ -139,15 +140,6 @@ class FeatureStore:
         return torch.cat(parts).float() / sigma
 
 
-def progress(iterable, total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr when it is a terminal, else the iterable itself."""
-    if not (enabled and sys.stderr.isatty()):
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def write_features(root: str | Path, layers: list[LayerInfo], chunks, sigma: dict[str, torch.Tensor], *,
                    image_hw, landmark_names, arch: str = "") -> FeatureStore:  # fmt: skip
     """Write a features directory from ``chunks``: an iterable of ``(maps, landmarks, indices)``
@@ -250,7 +242,7 @@ def extract_features(
 
     def batches(ds, desc):
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-        return progress(loader, len(loader), desc, progress_bar)
+        return progress(loader, enabled=progress_bar, total=len(loader), desc=desc)
 
     def maps_of(images):
         return _layer_maps(model, images.to(device), names)

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import torch
 
+from icnn.training.loop import progress
+
 from .config import GraphConfig, GraphError
 from .estep import half_ranges
-from .features import FeatureStore, progress
+from .features import FeatureStore
 from .match import check_features, infer_layer
 from .model import ExplanatoryGraph, LayerNodes
 from .parents import candidate_parents, select_parents
@@ -152,7 +154,7 @@ def _learn_layer(graph: ExplanatoryGraph, features: FeatureStore, l: int, progre
         t1 = time.perf_counter()
         grad, mass = torch.zeros(c, p, 2, dtype=torch.float64), torch.zeros(c, p, dtype=torch.float64)
         batches = features.batches(cfg.chunk_images)
-        for a, b in progress(batches, len(batches), f"graph {info.name} {it}/{cfg.iterations}", progress_bar):
+        for a, b in progress(batches, enabled=progress_bar, total=len(batches), desc=f"graph {info.name} {it}/{cfg.iterations}"):
             up_pos = upper.pos[a:b] if with_parents else None
             e, cd = infer_layer(graph, l, features.read(l, a, b, sigma_neg=cfg.sigma_neg), mu, sigma, parents, up_pos, compete=True)
             pos[a:b], log_score[a:b] = e.pos.reshape(b - a, v, 2), e.log_score.reshape(b - a, v)

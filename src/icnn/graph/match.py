@@ -13,9 +13,11 @@ from typing import NamedTuple
 
 import torch
 
+from icnn.training.loop import progress
+
 from .config import GraphError
 from .estep import EStep, e_step, half_ranges
-from .features import FeatureStore, progress
+from .features import FeatureStore
 from .parents import parent_prior
 
 
@@ -72,7 +74,7 @@ def match(graph, features: FeatureStore, *, progress_bar: bool = True) -> list[M
     pos = [torch.empty(n, nodes.num_nodes, 2) for nodes in graph.nodes]
     score = [torch.empty(n, nodes.num_nodes) for nodes in graph.nodes]
     batches = features.batches(graph.config.chunk_images)
-    for a, b in progress(batches, len(batches), "graph: match", progress_bar):
+    for a, b in progress(batches, enabled=progress_bar, total=len(batches), desc="graph: match"):
         upper = None
         for l in reversed(range(len(graph.layers))):
             nodes = graph.nodes[l]

@@ -246,7 +246,8 @@ class LocationInstability:
         scores, unit_xy = argmax_units(maps, centers)
         self.update(scores, unit_xy, landmarks, labels, image_hw)
 
-    def update(self, scores, unit_xy, landmarks, labels=None, image_hw=None) -> None:
+    def update(self, scores, unit_xy, landmarks, labels=None, image_hw=None) -> torch.Tensor:
+        """Adds a batch; returns its ``landmark_distances`` ``(B, C, K)`` for other metrics of it."""
         b, c, k, nc = scores.shape[0], self.num_filters, self.num_landmarks, self.num_classes
         if tuple(scores.shape) != (b, c):
             raise MetricError(f"scores must be (B, {c}), got {tuple(scores.shape)}")
@@ -287,6 +288,7 @@ class LocationInstability:
         self._score = all_score.gather(-1, order)
         self._dist = torch.cat((self._dist, cand_dist), dim=-1).gather(-1, order)
         self._index = torch.cat((self._index, cand_index), dim=-1).gather(-1, order)
+        return dist
 
     def compute(self, categories: torch.Tensor | None = None) -> InstabilityResult:
         """The layer's instability; ``categories (C,)`` = each filter's class (interpretable nets)."""

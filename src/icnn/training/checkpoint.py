@@ -134,11 +134,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # save / load
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as independent, contiguous CPU tensors (safetensors refuses shared storage)."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def _tensors(obj: Any, prefix: str):
     """``(name, tensor)`` of every tensor nested in dicts/lists of ``obj``."""
     if torch.is_tensor(obj):
@@ -171,7 +166,7 @@ def save_checkpoint(out: str | os.PathLike, model: torch.nn.Module, state: dict[
 
     Every tensor (weights, buffers, optimizer and loss state) is checked finite first: a
     NaN/inf raises NonFiniteLossError and nothing is written."""
-    tensors = model_tensors(model)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # safetensors refuses shared storage
     check_finite(tensors, {k: v for k, v in state.items() if k != "rng"})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,6 @@ one forward of the head, in the units of the normalised ``y``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..training.loop import progress as progress_bar
 from .model import TreeError
 
 if TYPE_CHECKING:
@@ -177,14 +177,6 @@ def _check(model: nn.Module, layer: str, site: str, target: int | None) -> int:
     return int(target)
 
 
-def _progress(iterable, enabled: bool, total: int | None):
-    if not (enabled and sys.stderr.isatty()):
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc="tree features", leave=False)
-
-
 def extract(
     model: nn.Module,
     data: Dataset | DataLoader | Iterable[dict],
@@ -227,7 +219,7 @@ def extract(
     out: dict[str, list] = {k: [] for k in ("sum_x", "grad", "y", "label", "index", "drop")}
     seen, hw = 0, 1
     with analysis_mode(model.to(device)):
-        for batch in _progress(data, progress, len(data) if hasattr(data, "__len__") else None):
+        for batch in progress_bar(data, enabled=progress, total=len(data) if hasattr(data, "__len__") else None, desc="tree features"):
             if "label" not in batch:
                 raise TreeError("data: samples need a 'label' to tell the positive images")
             with torch.no_grad():

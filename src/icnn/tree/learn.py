@@ -58,13 +58,13 @@ text writes ``Omega``, but the tree sees only the positives).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
 
 from ..training.config import Config
+from ..training.loop import progress as progress_bar
 from .extract import SITES, Features
 from .lasso import lasso
 from .model import DecisionTree, TreeError
@@ -339,16 +339,7 @@ def fit_tree(features: Features, config: TreeConfig | None = None, *, progress: 
                         "(wrong target class? or set config.gamma)")  # fmt: skip
     gamma = cfg.gamma if cfg.gamma is not None else 1.0 / mean_y
     growth = _Growth(x, g, y, b, gamma, cfg)
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n - 1, desc="tree merges", leave=False)
-    while growth.alive.sum() > 1 and (cfg.max_merges is None or growth.merges < cfg.max_merges):
-        if not growth.step():
+    for _ in progress_bar(range(n - 1), enabled=progress, total=n - 1, desc="tree merges"):  # a merge retires one node
+        if (cfg.max_merges is not None and growth.merges >= cfg.max_merges) or not growth.step():
             break
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
     return growth.tree(asdict(cfg))
