@@ -43,6 +43,12 @@ ap.add_argument("--top-mask", type=int, default=1, help="0: the top layer keeps 
 ap.add_argument("--data", default="../shared/data")
 ap.add_argument("--cache", default=".cache/filter_probe")
 ap.add_argument("--tag", default="")
+ap.add_argument("--pairs", type=int, default=0, help="1: each batch holds images with their flips; the part location of a filter is inferred from both views")
+ap.add_argument("--parts", type=int, default=0, help="k > 0: part targets from a k-factor NMF of the initial top-layer features")
+ap.add_argument("--parts-ratio", type=float, default=2.5, help="a factor is an object part when its peak on the category is this many times its peak on negatives")
+ap.add_argument("--parts-radius", type=int, default=0, help="a filter's target: its argmax within this many units (Chebyshev) of its part's location")
+ap.add_argument("--parts-layers", default="new", help="layers whose targets are the parts")
+ap.add_argument("--save", default="", help="write the trained model's state dict here (for analysis)")
 ap.add_argument("--new-lr", type=float, default=None, help="lr of the new layer (default --lr)")
 ap.add_argument("--div", type=float, default=0.0, help="weight of the filter-diversity term")
 ap.add_argument("--div-layers", default="new", help="layers of --div")
@@ -173,6 +179,53 @@ def diversity(x, y):
     v = x.flatten(2)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     return v.mean(1).pow(2).sum(-1).mean()
+def nmf(X, k, iters=300):  # X (n, C) >= 0 ~ H (n, k) W (k, C), multiplicative updates
+    gg = torch.Generator().manual_seed(0)
+    W = torch.rand(k, X.shape[1], generator=gg) + 0.1; H = torch.rand(X.shape[0], k, generator=gg) + 0.1
+    for _ in range(iters):
+        H *= (X @ W.t()) / (H @ (W @ W.t()) + 1e-9)
+        W *= (H.t() @ X) / ((H.t() @ H) @ W + 1e-9)
+    return H, W
+
+
+def project(X, W, iters=100):  # nonnegative H with X ~ H W, W fixed
+    H = torch.full((X.shape[0], W.shape[0]), 0.5)
+    WWt = W @ W.t(); XWt = X @ W.t()
+    for _ in range(iters):
+        H *= XWt / (H @ WWt + 1e-9)
+    return H
+
+
+PARTS = None
+if args.parts:
+    m.eval()
+    with torch.no_grad():
+        Ft = torch.cat([run_layers(m, tr[v][s:s + 64].float())[0]["top"] for v in ("x", "xf") for s in range(0, len(tr["y"]), 64)])
+        yy = torch.cat([tr["y"], tr["y"]]); Cc = Ft.shape[1]
+        X = Ft.permute(0, 2, 3, 1).reshape(len(Ft), -1, Cc)
+        Hh, Wp = nmf(X.reshape(-1, Cc), args.parts)
+        Hh = Hh.reshape(len(Ft), -1, args.parts)
+        ratio = Hh[yy == 1].amax(1).mean(0) / Hh[yy == 0].amax(1).mean(0).clamp_min(1e-9)
+        obj = ratio.argsort(descending=True)[: int((ratio >= args.parts_ratio).sum().clamp_min(1))]
+        PARTS = {"W": Wp, "obj": obj}
+        print("parts: factor ratios", [round(v, 2) for v in ratio.sort(descending=True).values.tolist()], "object parts", len(obj), flush=True)
+    m.train()
+
+
+def part_units(relu, layer_maps):
+    """(B, C) target units: each filter's argmax within parts_radius of its part's location."""
+    Cc = relu["top"].shape[1]; b, c, hh_, ww_ = layer_maps.shape
+    H = project(relu["top"].detach().permute(0, 2, 3, 1).reshape(-1, Cc), PARTS["W"]).reshape(b, hh_ * ww_, -1)
+    anchor = H[:, :, PARTS["obj"]].argmax(1)  # (B, n_obj)
+    a = anchor[:, torch.arange(c) % len(PARTS["obj"])]  # (B, C)
+    r = args.parts_radius
+    if r == 0:
+        return a
+    uu = torch.arange(hh_ * ww_)
+    near = ((uu // ww_)[None, None] - (a // ww_)[..., None]).abs().le(r) & ((uu % ww_)[None, None] - (a % ww_)[..., None]).abs().le(r)
+    return torch.where(near, layer_maps.detach().flatten(2), torch.full((), -1.0)).argmax(-1)
+
+
 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
 n = len(tr["y"])
 g = torch.Generator().manual_seed(args.seed)
@@ -182,14 +235,27 @@ for ep in range(1, args.epochs + 1):
         f.start_epoch(ep)
     perm = torch.randperm(n, generator=g)
     tot = {"task": 0.0, "f": 0.0, "acc": 0.0}; nb = 0
-    for i in range(0, n - args.bs + 1, args.bs):
-        idx = perm[i:i + args.bs]
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x = torch.where(flip[:, None, None, None], tr["xf"][idx], tr["x"][idx]).float(); y = tr["y"][idx]
+    for i in range(0, (2 if args.pairs else 1) * n - args.bs + 1, args.bs):
+        if args.pairs:
+            idx = perm[i // 2:i // 2 + args.bs // 2]
+            x = torch.cat((tr["x"][idx], tr["xf"][idx])).float(); y = torch.cat((tr["y"][idx], tr["y"][idx]))
+        else:
+            idx = perm[i:i + args.bs]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], tr["xf"][idx], tr["x"][idx]).float(); y = tr["y"][idx]
         relu, masked, logit = run_layers(m, x)
         logit = logit.squeeze(1)
         loss = F.softplus(-(2 * y.float() - 1) * logit).mean()
-        fl = sum((fls[k](relu[k], y) for k in fls), torch.zeros(()))
+        units = {}
+        if args.pairs:  # the consensus of the two views: argmax of x(I) + mirror(x(flip I))
+            for k in fls:
+                r = relu[k].detach(); hb = r.shape[0] // 2; W_ = r.shape[-1]
+                u0 = (r[:hb] + r[hb:].flip(-1)).flatten(2).argmax(-1)
+                units[k] = torch.cat((u0, (u0 // W_) * W_ + (W_ - 1 - u0 % W_)))
+        if PARTS is not None:
+            for k in args.parts_layers.split(","):
+                units[k] = part_units(relu, relu[k])
+        fl = sum((fls[k](relu[k], y, units.get(k)) for k in fls), torch.zeros(()))
         if args.div:
             fl = fl + args.div * sum(diversity(relu[k], y) for k in args.div_layers.split(","))
         if not torch.isfinite(loss + fl):
@@ -197,11 +263,13 @@ for ep in range(1, args.epochs + 1):
         opt.zero_grad(); (loss + fl).backward(); opt.step()
         tot["task"] += loss.item(); tot["f"] += float(fl.detach()); tot["acc"] += ((logit > 0).long() == y).float().mean().item(); nb += 1
     sched.step()
-    diag = {k: {kk: round(v, 3) for kk, v in f.diagnostics().items() if kk in ("spatial_entropy", "silent_fraction", "mean_max")} for k, f in fls.items()}
+    diag = {k: {kk: round(v, 3) for kk, v in f.diagnostics().items() if kk in ("spatial_entropy", "silent_fraction", "mean_max", "diversity", "decorrelation", "batch_mode_share", "batch_peak_correlation")} for k, f in fls.items()}
     print(f"ep{ep} task {tot['task']/nb:.4f} acc {tot['acc']/nb:.3f} floss {tot['f']/nb:.4g} {diag} {time.time()-t0:.0f}s", flush=True)
 
 # ---- evaluation on the cached eval features
 m.eval()
+if args.save:
+    torch.save(m.state_dict(), args.save)
 geom = layer_geometry(m, "new")
 hh = ww = 7 * args.size // 224
 ctr = unit_centers(geom, hh, ww).reshape(-1, 2).double()
@@ -210,6 +278,8 @@ res = {}
 with torch.no_grad():
     for layer in ("new", "top"):
         inst = LocationInstability(1280, ["head", "back", "tail"], 2, top_k=100)
+        n_pos = int(ev["y"].sum())
+        inst_q = LocationInstability(1280, ["head", "back", "tail"], 2, top_k=max(2, round(n_pos * 100 / 243)))  # the test's share of birds
         col = FilterCollapse(1280, 2, ["head", "back", "tail"])
         correct = 0
         for s in range(0, len(ev["y"]), 64):
@@ -220,12 +290,14 @@ with torch.no_grad():
             sc, u = mp.reshape(b, 1280, -1).max(-1)
             uxy = ctr[u]
             inst.update(sc.double(), uxy, lm, y, (args.size, args.size))
+            inst_q.update(sc.double(), uxy, lm, y, (args.size, args.size))
             col.update(sc, u, y, landmark_distances(uxy, lm, (args.size, args.size)))
             correct += int(((logit.squeeze(1) > 0).long() == y).sum())
         r = inst.compute(categories=torch.ones(1280, dtype=torch.long) if interp else None)
         refs = inst.references(ctr.reshape(hh, ww, 2), draws=5)
         c = col.compute()
-        res[layer] = {"instab": r.score, "firing": r.score_firing, "random": refs.random, "fixed": refs.fixed, "landmark": refs.best_landmark_unit,
+        rq = inst_q.compute(categories=torch.ones(1280, dtype=torch.long) if interp else None)
+        res[layer] = {"instab": r.score, "instab_q": rq.score, "top_k_q": inst_q.top_k, "firing": r.score_firing, "random": refs.random, "fixed": refs.fixed, "landmark": refs.best_landmark_unit,
                       "landmark_mean": refs.mean_landmark_unit,
                       "silent": float(r.silent_fraction.mean()),
                       "per_lm": dict(zip(["head", "back", "tail"], [round(v, 4) for v in torch.nanmean(r.per_filter_landmark, 0).tolist()])),

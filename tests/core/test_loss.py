@@ -426,3 +426,100 @@ def test_filter_loss_value_is_lambda_times_the_batch_neg_mi(cfg):
         labels = torch.tensor([0, 1] * 4)
         value = fl(x.clone().requires_grad_(), labels)
         assert float(value.detach()) == pytest.approx(0.5 * float(brute_force_neg_mi(x.double()).sum()), rel=1e-4, abs=1e-6)
+
+
+def test_batch_collapse_against_brute_force():
+    from icnn.loss.filter_loss import batch_collapse
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(5):
+        b, c, u = 12, 7, 5
+        peaks = torch.rand(b, c, generator=g, dtype=torch.float64) * (torch.rand(b, c, generator=g) > 0.2)  # some silent maps
+        units = torch.randint(0, u, (b, c), generator=g)
+        labels = torch.randint(0, 3, (b,), generator=g)
+        labels[:3] = torch.tensor([1, 2, 2])
+        targets = torch.randint(1, 3, (c,), generator=g)
+        targets[:2] = torch.tensor([1, 2])
+        mode, corr = batch_collapse(peaks, units, labels, targets, u).tolist()
+        shares, cors = [], []
+        for i in range(b):  # each image: its category's firing filters, the share at their commonest unit
+            f = [j for j in range(c) if targets[j] == labels[i] and peaks[i, j] > 0]
+            if f:
+                shares.append(max(sum(int(units[i, j]) == k for j in f) for k in range(u)) / len(f))
+        for k in targets.unique().tolist():  # each category: the mean correlation over its filter pairs
+            s = peaks[labels == k][:, targets == k]
+            if s.shape[0] >= 3 and s.shape[1] >= 2:
+                z = (s - s.mean(0)) / (s.std(0) + 1e-3)
+                r = z.t() @ z / (s.shape[0] - 1)
+                cors.append(float(r[~torch.eye(s.shape[1], dtype=torch.bool)].mean()))
+        assert mode == pytest.approx(sum(shares) / len(shares), abs=1e-12)
+        assert corr == pytest.approx(sum(cors) / len(cors), abs=1e-9) if cors else math.isnan(corr)
+
+
+def test_adapt_rate_moves_the_terms_weights_towards_their_targets_and_resumes():
+    # 8 filters, every one at the centre unit and a copy of the others: both figures above target, both weights grow
+    copies = torch.zeros(8, 8, 3, 3)
+    copies[:, :, 1, 1] = torch.arange(1, 9, dtype=torch.float32)[:, None]
+    labels = torch.ones(8, dtype=torch.long)
+    fl = FilterLoss(8, 2, (3, 3), mode="posterior", lambda_=1.0, z_estimate="batch", negative_class=0,
+                    diversity=0.1, decorrelation=0.2, adapt_rate=0.1, mode_target=0.15, corr_target=0.2)  # fmt: skip
+    fl.start_epoch(1)
+    fl(copies.clone().requires_grad_(), labels).backward()
+    # measured: mode share 1, mean correlation ~1 -> log factors += 0.1 * (1/0.15 - 1), 0.1 * (~1/0.2 - 1)
+    assert fl.log_scale.tolist() == pytest.approx([0.1 * (1 / 0.15 - 1), 0.1 * (1 / 0.2 - 1)], rel=1e-2)
+    div_w, decor_w = fl.term_weights()
+    assert div_w == pytest.approx(0.1 * math.exp(0.1 * (1 / 0.15 - 1)), rel=1e-2) and decor_w > 0.2
+    # each filter at its own unit (mode share 1/8) with independent peaks: both below target, both weights shrink
+    g = torch.Generator().manual_seed(0)
+    spread = torch.zeros(8, 8, 9)
+    spread[:, torch.arange(8), torch.arange(8)] = torch.rand(8, 8, generator=g) + 1
+    before = fl.log_scale.clone()
+    fl(spread.view(8, 8, 3, 3).clone().requires_grad_(), labels).backward()
+    assert (fl.log_scale < before).all()
+    # no step without gradient (evaluation), and the factors are state: saved and restored
+    after = fl.log_scale.clone()
+    with torch.no_grad():
+        fl(copies, labels)
+    assert torch.equal(fl.log_scale, after)
+    fresh = FilterLoss(8, 2, (3, 3), mode="posterior", negative_class=0, diversity=0.1, decorrelation=0.2, adapt_rate=0.1)
+    fresh.load_state_dict(fl.state_dict())
+    assert fresh.term_weights() == fl.term_weights()
+    # without adapt_rate the weights are the config's and the state has no factors (old checkpoints load)
+    fixed = FilterLoss(8, 2, (3, 3), mode="posterior", negative_class=0, diversity=0.1, decorrelation=0.2)
+    assert fixed.term_weights() == (0.1, 0.2) and "log_scale" not in fixed.state_dict()
+
+
+def test_adapt_rate_factors_stay_in_range():
+    from icnn.loss.filter_loss import _LOG_SCALE_RANGE
+
+    fl = FilterLoss(4, 2, (3, 3), mode="posterior", lambda_=1.0, z_estimate="batch", negative_class=0,
+                    diversity=0.1, decorrelation=0.2, adapt_rate=50.0)  # fmt: skip
+    fl.start_epoch(1)
+    x = torch.zeros(8, 4, 3, 3)
+    x[:, :, 1, 1] = torch.arange(1, 9, dtype=torch.float32)[:, None]
+    fl(x.requires_grad_(), torch.ones(8, dtype=torch.long)).backward()
+    assert fl.log_scale.tolist() == pytest.approx([_LOG_SCALE_RANGE, _LOG_SCALE_RANGE])
+
+
+def test_given_units_replace_the_argmax_as_targets():
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(6, 3, 4, 4, generator=g)) * 3
+    labels = torch.tensor([1, 0, 1, 1, 0, 1])
+    own = x.flatten(2).argmax(-1)
+
+    def grad(units):
+        fl = FilterLoss(3, 2, (4, 4), mode="posterior", lambda_=1.0, z_estimate="batch", negative_class=0)
+        fl.start_epoch(1)
+        xx = x.clone().requires_grad_()
+        fl(xx, labels, units).backward()
+        return xx.grad
+
+    torch.testing.assert_close(grad(None), grad(own))  # the default is each map's argmax
+    moved = (own + 5) % 16
+    gm = grad(moved)
+    # on the category's images the map is pulled towards the given unit's template (its peak there rises most)
+    pos = labels == 1
+    at_given = -gm.flatten(2)[pos].gather(-1, moved[pos][..., None])
+    assert (at_given > 0).all()
+    with pytest.raises(ValueError, match="units must be"):
+        grad(torch.full((6, 3), 16))

@@ -29,7 +29,17 @@ in Eq. 1 is shared between filters, so every filter of a dense layer can become 
 (docs/filter_loss.md measures it); the collision of their posteriors over positions, per image,
 keeps them at different parts, and ``decorrelation`` (:func:`peak_decorrelation`) keeps their
 responses from being copies of each other (redundancy reduction). Their weights are per filter
-(``diversity * C * collision``) and not scheduled by lambda.
+(``diversity * C * collision``) and not scheduled by lambda. With ``adapt_rate`` the two weights
+are the multipliers of the collapse limits rather than constants: each step scales them by
+``exp(adapt_rate * (measured / target - 1))``, with the batch's share of a category's firing
+filters at an image's commonest unit (:func:`batch_collapse`) held at ``mode_target`` and the
+mean correlation of their peaks held at ``corr_target``. A dataset whose filters do not pile up
+then gets little of either term (each term costs stability); one whose filters collapse gets
+as much as it needs (docs/filter_loss.md, session 13).
+
+``forward(x, labels, units)`` takes the part locations to target (flat unit indices ``(B, C)``)
+instead of each map's argmax ``mu^``: the paper's ``T^ = T_mu^`` is the default; research probes
+(``benchmarks/filter_probe.py --pairs``, ``--parts``) pass consensus or discovered locations.
 
 ``map_norm="batch"`` divides each filter's maps by their batch mean of ``max_ij x`` (with
 gradient), so the loss cannot be lowered by scaling activations; ``sharpness`` then replaces
@@ -55,6 +65,7 @@ MAP_NORMS = ("none", "batch")
 WEIGHT_SIGNS = ("paper", "target", "negatives")
 WEIGHT_MAGS = ("paper", "likelihood", "uniform")
 CATEGORY_RULES = ("activation", "even")
+_LOG_SCALE_RANGE = math.log(1000.0)  # adapt_rate: the factors on diversity and decorrelation stay within 1000x of the config's
 _LOG_WEIGHT_CAP = 80.0  # log of the largest Eq. 4 weight let through in float32 (exp(80) ~ 5.5e34)
 
 
@@ -81,6 +92,9 @@ class FilterLossConfig:
     sharpness: float = 1.0  # with map_norm=batch: templates are sharpness * shape (replaces tau)
     diversity: float = 0.0  # weight of the filters' competition for positions (collision of their posteriors; 0: the paper)
     decorrelation: float = 0.0  # weight of the decorrelation of the filters' peak responses over their category's images (0: the paper)
+    adapt_rate: float = 0.0  # > 0: diversity and decorrelation are starting weights, scaled every step by exp(rate * (measured / target - 1)) to hold the batch's share of filters at the commonest unit at mode_target and their mean peak correlation at corr_target; 0: fixed weights
+    mode_target: float = 0.15  # with adapt_rate: the share of a category's firing filters at an image's commonest unit that diversity holds
+    corr_target: float = 0.2  # with adapt_rate: the mean correlation of two filters' peaks over their category's images that decorrelation holds
     categories: str = "activation"  # each filter's category: activation (§3.1, the class activating it most, online) or even (f mod K, fixed)
 
     def __post_init__(self):
@@ -90,12 +104,15 @@ class FilterLossConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"filter loss {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("lambda_", "diversity", "decorrelation"):
+        for name in ("lambda_", "diversity", "decorrelation", "adapt_rate"):
             v = getattr(self, name)
             if v < 0 or not math.isfinite(v):
                 raise ValueError(f"filter loss {name.rstrip('_')} must be a finite number >= 0, got {v}")
         if not (self.sharpness > 0 and math.isfinite(self.sharpness)):
             raise ValueError(f"filter loss sharpness must be a finite number > 0, got {self.sharpness}")
+        for name in ("mode_target", "corr_target"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"filter loss {name} must lie in (0, 1), got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise ValueError(f"filter loss warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0.0 <= self.z_momentum < 1.0:
@@ -181,6 +198,31 @@ def peak_decorrelation(peaks: torch.Tensor, labels: torch.Tensor, targets: torch
     return torch.stack(terms).mean() if terms else peaks.sum() * 0
 
 
+@torch.no_grad()
+def batch_collapse(peaks: torch.Tensor, units: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, num_units: int) -> torch.Tensor:
+    """``[mode share, mean peak correlation]`` of a layer's filters on this batch (the two figures
+    ``adapt_rate`` holds at their targets; ``icnn.metrics.collapse`` measures them on a whole set):
+    the share of the category's firing filters at each image's commonest unit, averaged over the
+    images with any, and the mean correlation of two filters' peaks over their category's images
+    (a filter constant over them counts as uncorrelated; a category with fewer than 3 images or 2
+    filters in the batch drops out; NaN when none is left)."""
+    firing = (labels[:, None] == targets[None, :]) & (peaks > 0)  # (B, C)
+    counts = torch.zeros(peaks.shape[0], num_units, dtype=peaks.dtype, device=peaks.device)
+    counts.scatter_add_(1, units, firing.to(peaks.dtype))
+    n = firing.sum(1)
+    ok = n > 0
+    mode = (counts.amax(1)[ok] / n[ok]).mean() if bool(ok.any()) else peaks.new_tensor(float("nan"))
+    corr = []
+    for c in targets.unique().tolist():
+        s = peaks[labels == c][:, targets == c]  # (n, F)
+        m, f = s.shape
+        if m < 3 or f < 2:
+            continue
+        z = (s - s.mean(0)) / (s.std(0) + 1e-3)
+        corr.append((z.sum(1).pow(2).sum() - z.pow(2).sum()) / ((m - 1) * f * (f - 1)))  # mean_{f != g} corr_fg
+    return torch.stack((mode, torch.stack(corr).mean() if corr else peaks.new_tensor(float("nan"))))
+
+
 def posterior_nll(log_post, t_hat) -> torch.Tensor:
     """``-log p(T^|x)`` per map ``(B, C)`` from :func:`template_posterior`'s ``log_post``; gradient
     (``Z_T`` a constant) ``-(t^ - E_p(T|x) t)``."""
@@ -217,6 +259,8 @@ class FilterLoss(nn.Module):
             classes = torch.tensor([c for c in range(self.num_classes) if c != negative_class])
             target_classes = classes[torch.arange(self.num_filters) % len(classes)]
         self.stats = FilterStatistics(num_filters, h * w + 1, num_classes, negative_class=negative_class, target_classes=target_classes)
+        if cfg.adapt_rate > 0:  # log of the factors on diversity and decorrelation (saved: resume continues them)
+            self.register_buffer("log_scale", torch.zeros(2))
         self._diag: dict[str, float] = {}
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -243,7 +287,7 @@ class FilterLoss(nn.Module):
             self._diag.update({k: float(terms[k].mean()) for k in ("neg_mi", "inter_entropy", "spatial_entropy")})
         return dict(self._diag)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.num_filters, *self.map_size):
             raise ValueError(f"filter loss expects maps (B, {self.num_filters}, {self.map_size[0]}, {self.map_size[1]}), got {tuple(x.shape)}")
         labels = labels.reshape(-1).long()
@@ -260,7 +304,11 @@ class FilterLoss(nn.Module):
         with torch.set_grad_enabled((cfg.mode != "paper" or cfg.diversity > 0) and torch.is_grad_enabled()):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
         flat = xf.reshape(b, c, h * w)
-        peaks, units = flat.max(-1)  # (B, C): max_ij x (differentiable) and mu^, the first in row-major order on ties
+        peaks, own_units = flat.max(-1)  # (B, C): max_ij x (differentiable) and mu^, the first in row-major order on ties
+        if units is None:
+            units = own_units
+        elif tuple(units.shape) != (b, c) or bool(((units < 0) | (units >= h * w)).any()):
+            raise ValueError(f"filter loss units must be (B, C) = ({b}, {c}) flat unit indices in [0, {h * w}), got {tuple(units.shape)}")
         own_z = self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope,
                                   momentum=cfg.z_momentum, peak=peaks.detach() if cfg.map_norm == "none" else None)  # fmt: skip
         lam = self.lambdas().to(xf.dtype)  # (C,)
@@ -286,15 +334,38 @@ class FilterLoss(nn.Module):
             tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
             surrogate = (weights * tr_hat).sum(0) / b
         loss = (lam * surrogate).sum()
+        div_w, decor_w = self.term_weights()
         if diverse:  # the layer's filters compete for positions
             collision = position_collision(post, is_target)
             self._collision = float(collision.detach())
-            loss = loss + cfg.diversity * self.num_filters * collision
+            loss = loss + div_w * self.num_filters * collision
         if cfg.decorrelation > 0 and active:  # ... and carry different information
             redundancy = peak_decorrelation(peaks, labels, targets)
             self._redundancy = float(redundancy.detach())
-            loss = loss + cfg.decorrelation * self.num_filters * redundancy
+            loss = loss + decor_w * self.num_filters * redundancy
+        if cfg.adapt_rate > 0 and active and torch.is_grad_enabled():  # the weights' next step
+            self._adapt(batch_collapse(peaks.detach(), own_units, labels, targets, h * w))
         return self._record(loss - loss.detach() + value, lam, weights)  # value: lambda * -MI; gradient: the mode's
+
+    def term_weights(self) -> tuple[float, float]:
+        """The weights of ``diversity`` and ``decorrelation`` this step (the config's, times the
+        adapted factors with ``adapt_rate``)."""
+        cfg = self.config
+        if cfg.adapt_rate <= 0:
+            return cfg.diversity, cfg.decorrelation
+        f = self.log_scale.exp().tolist()
+        return cfg.diversity * f[0], cfg.decorrelation * f[1]
+
+    @torch.no_grad()
+    def _adapt(self, measured: torch.Tensor) -> None:
+        """One multiplicative step of the two weights towards their targets (every process the same:
+        the measured figures are averaged over processes first)."""
+        cfg = self.config
+        measured = all_reduce_mean(measured.to(self.log_scale.device, torch.float32))
+        self._measured = measured.tolist()
+        target = torch.tensor([cfg.mode_target, cfg.corr_target], device=measured.device)
+        step = torch.nan_to_num(cfg.adapt_rate * (measured / target - 1.0), nan=0.0)
+        self.log_scale.add_(step).clamp_(min=-_LOG_SCALE_RANGE, max=_LOG_SCALE_RANGE)
 
     @torch.no_grad()
     def _record(self, loss: torch.Tensor, lam: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -306,4 +377,8 @@ class FilterLoss(nn.Module):
             self._diag["collision"] = getattr(self, "_collision", float("nan"))
         if self.config.decorrelation > 0:
             self._diag["redundancy"] = getattr(self, "_redundancy", float("nan"))
+        if self.config.adapt_rate > 0:
+            div_w, decor_w = self.term_weights()
+            mode, corr = getattr(self, "_measured", (float("nan"), float("nan")))
+            self._diag.update({"diversity": div_w, "decorrelation": decor_w, "batch_mode_share": mode, "batch_peak_correlation": corr})
         return loss
