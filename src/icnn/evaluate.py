@@ -34,7 +34,7 @@ from .metrics.collapse import FilterCollapse
 from .metrics.instability import LocationInstability
 from .metrics.quantile import TopQuantile
 from .metrics.receptive_field import layer_geometry, unit_centers
-from .models.net import eval_mode
+from .models.net import batch_features, eval_mode
 from .training.config import Config
 from .training.loop import progress as progress_bar, resolve_device
 
@@ -325,10 +325,7 @@ def evaluate(model, dataset, config: EvalConfig | None = None, *, categories: to
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     with eval_mode(model):
         for batch in progress_bar(loader, enabled=cfg.progress, total=len(loader), desc=f"evaluate ({len(dataset)} images)"):
-            if "stem" in batch:
-                feats = model.features_from_stem(batch["stem"].to(device))
-            else:
-                feats = model.forward_features(batch["image"].to(device))
+            feats = batch_features(model, batch, device)
             accuracy.update(model.forward_head(feats.out).float().cpu(), batch["label"].long())
             suite.update(feats.masked[cfg.layer], batch, feats.relu[cfg.layer])
     result = suite.compute(categories)

@@ -111,6 +111,19 @@ def test_bad_reconstruction_target_and_layer_are_one_line_errors():
         build_explainer(perf, layer="new")
 
 
+@pytest.mark.parametrize("targets", [["fc7"], ["relu6"], ["flatten", "fc7"]])
+def test_a_target_that_cannot_read_the_one_before_it_is_refused_before_any_forward(tmp_path, targets):
+    """fc7 alone (or relu6, or fc7 after the flatten) would read the flatten's 96 features where
+    it takes fc6's 10: one line naming the target, when the explainer is built, before training."""
+    bad = targets[-1] if targets[-1] == "fc7" else targets[0]
+    with pytest.raises(ExplainerError, match=rf"^reconstruct: '{bad}' takes 10 features but would read the 96 of 'flatten' \("):
+        build_explainer(fc_performer(), reconstruct=targets)
+    with pytest.raises(ExplainerError, match=rf"reconstruct: '{bad}' takes 10 features"):
+        train_explainer(fc_performer(), tiny_set(n=4, size=16), cfg(tmp_path, reconstruct=targets))
+    assert not (tmp_path / "run").exists()
+    build_explainer(fc_performer(), reconstruct=["fc6", "fc8"])  # fc8 reads fc6's 10: fine
+
+
 def test_receptive_field_of_conv_interp_2_composes_the_layer_read_with_two_3x3_convs():
     perf = fc_performer()
     net = ExplainedNet(perf, build_explainer(perf))
@@ -385,6 +398,30 @@ def test_icnn_explain_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert "not the performer the run in" in capsys.readouterr().err
     assert main(["explain", "--performer", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "--performer" in capsys.readouterr().err
+
+
+def test_icnn_explain_refuses_a_target_that_cannot_read_the_one_before_it(tmp_path, capsys, monkeypatch):
+    """A performer head with a hidden fc: its output fc reads the hidden layer's 5 features, not
+    the flatten's 8, so it cannot be the only target; one line, exit 2, nothing written."""
+    from icnn.cli import main
+    from icnn.models import registry
+    from icnn.models.small_cnn import small_cnn
+    from icnn.training import TrainConfig
+    from icnn.training.checkpoint import save_checkpoint
+
+    monkeypatch.setitem(registry.MODELS, "small_cnn_w2", lambda **kw: small_cnn(width=2, **kw))
+    tcfg = TrainConfig(arch="small_cnn_w2", interpretable=False, image_size=32, dataset_kwargs={"num_samples": 8},
+                       head_hidden=5, out=str(tmp_path / "perf"))  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("small_cnn_w2", num_classes=1, interpretable=False, image_size=32, head_hidden=5)
+    save_checkpoint(tmp_path / "perf", model, {"epoch": 1}, tcfg.to_dict())
+    out = tmp_path / "ex"
+    assert main(["explain", "--performer", str(tmp_path / "perf"), "--out", str(out), "--epochs", "1", "--device", "cpu",
+                 "--no-progress", "--reconstruct", "fc"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["icnn: error: reconstruct: 'fc' takes 5 features but would read the 8 of 'flatten' (each target reads "
+                   "the output of the target before it, the first that of the flatten)"]  # fmt: skip
+    assert not out.exists()
 
 
 def test_icnn_explain_trains_on_the_train_split_it_is_given(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..categories import assign_categories
+from ..data.base import as_batches
+from ..models.net import batch_features
 from .base import AttributionError, Target, analysis_mode, resolve_target, select_output, unwrap_model
 
 SHARES = ("abs", "positive")
@@ -68,12 +70,6 @@ def _check_net(model: nn.Module, layer: str) -> nn.Module:
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _batches(data: DataLoader | Dataset | Iterable, batch_size: int) -> Iterable[dict]:
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
-    return data
 
 
 def _dataset_attr(data, name: str):
@@ -195,7 +191,7 @@ def assign_filter_parts(
     votes = best_score = best_part = None  # allocated at the first batch, when C is known
     class_sum = class_count = has_landmarks = None
     with analysis_mode(model), torch.no_grad():
-        for batch in _batches(data, batch_size):
+        for batch in as_batches(data, batch_size):
             labels = torch.as_tensor(batch["label"]).long().to(device).flatten()  # (B,)
             landmarks = torch.as_tensor(batch["landmarks"]).to(device, torch.float64)  # (B, K, 2)
             if landmarks.shape[1:] != (k_parts, 2):
@@ -204,11 +200,7 @@ def assign_filter_parts(
                 )
             if len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
                 raise ContributionError(f"data: label {int(labels.max())} out of range for {n_cls} classes")
-            if "stem" in batch:  # a frozen stem's cached outputs (icnn.cache)
-                feats = model.features_from_stem(batch["stem"].to(device))
-            else:
-                feats = model.forward_features(batch["image"].to(device))
-            maps = feats.masked[layer].float()  # (B, C, h, w)
+            maps = batch_features(model, batch, device).masked[layer].float()  # (B, C, h, w)
             b, c = maps.shape[:2]
             if votes is None:
                 votes = torch.zeros(c, n_cls, k_parts, dtype=torch.long, device=device)
@@ -406,7 +398,7 @@ def dataset_part_contributions(
     """
     device = _device(unwrap_model(model))
     results = []
-    for batch in _batches(data, batch_size):
+    for batch in as_batches(data, batch_size):
         images = batch["image"]
         labels = torch.as_tensor(batch["label"]).long().flatten()
         keep = torch.ones(len(images), dtype=torch.bool)

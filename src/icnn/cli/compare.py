@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from icnn.evaluate import evaluate, json_safe
     from icnn.report.run import write_comparison_report
     from icnn.training import load_model, train
-    from icnn.training.checkpoint import atomic_write_json
+    from icnn.training.checkpoint import atomic_write_json, output_dir
     from icnn.training.classify import build_dataset_for, build_model_for, filter_categories, stem_cache_for
 
     from .evaluate import eval_config, summary_line
@@ -123,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
     existing_paths(cfg)
     ecfg = eval_config(args, device=cfg.device, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                        cache_dir=cfg.cache_dir, progress=cfg.progress)  # fmt: skip
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = output_dir(cfg.out)
     split = cfg.eval_split or "test"
     if args.test_samples < 1:
         raise UsageError(f"--test-samples {args.test_samples}: must be a positive integer")

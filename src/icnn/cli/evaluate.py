@@ -7,7 +7,6 @@ run's :class:`icnn.training.TrainConfig` (default: the checkpoint's own).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from . import UsageError
 from ._common import add_command
@@ -76,13 +75,11 @@ def run(args: argparse.Namespace) -> int:
     from icnn import __version__
     from icnn.evaluate import evaluate, json_safe
     from icnn.report.run import write_run_report
-    from icnn.training.checkpoint import atomic_write_json
+    from icnn.training.checkpoint import atomic_write_json, output_dir
     from icnn.training.classify import build_dataset_for, filter_categories
 
     ecfg = eval_config(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = output_dir(args.out)
     model, cfg, state = load_run(args.checkpoint)
     cfg = data_config(cfg, args)
     if cfg.eval_split is None:

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from icnn.report import write_report
     from icnn.report.graph import graph_section
-    from icnn.training.checkpoint import atomic_write_json
+    from icnn.training.checkpoint import atomic_write_json, output_dir
     from icnn.training.classify import build_dataset_for
     from icnn.training.loop import resolve_device
 
@@ -140,9 +140,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: must be >= 0")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = output_dir(args.out)
     device = resolve_device(args.device)
     model, cfg = _network(args, device)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import UsageError
 from ._common import add_command
@@ -48,15 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from icnn.evaluate import json_safe
     from icnn.report import write_report
     from icnn.report.tree import tree_sections
-    from icnn.training.checkpoint import atomic_write_json
+    from icnn.training.checkpoint import atomic_write_json, output_dir
     from icnn.training.classify import build_dataset_for, stem_cache_for
     from icnn.training.loop import resolve_device
     from icnn.tree import TreeConfig, evaluate_tree, extract, fit_tree, save_tree
 
     tcfg = build(TreeConfig, flags=given(args, TreeConfig))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = output_dir(args.out)
     device = resolve_device(args.device)
     model, cfg, _ = load_run(args.checkpoint, device)
     if tcfg.layer not in model.layers:

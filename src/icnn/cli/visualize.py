@@ -29,6 +29,7 @@ converted to RGB, resized (bilinear) to the network's input size, scaled to ``[0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -211,25 +212,24 @@ def actmax_outputs(model, images: torch.Tensor, names: list[str], args) -> list:
     return out
 
 
-def _parts_dataset(config: dict, args):
+def _parts_dataset(cfg, args):
+    """The images the filters are assigned to parts on: the run's evaluation data (its
+    TrainConfig ``cfg``), or ``--dataset/--root/--split`` (another dataset: not the run's options
+    and negatives)."""
     from torch.utils.data import Subset
 
-    from icnn.data import build_dataset
+    from icnn.training.classify import build_dataset_for
 
-    name = args.dataset or config.get("dataset")
-    if not name:
-        raise UsageError("--dataset: contributions need a dataset with landmarks (the checkpoint's config names none)")
-    root = args.root if args.dataset or args.root else config.get("root")
-    split = args.split or config.get("eval_split") or "test"
-    kw = dict(config.get("dataset_kwargs") or {}) if name == config.get("dataset") else {}
-    ds = build_dataset(
-        name, root, split=split, task=config.get("task", "single"), image_size=config.get("image_size") or 64,
-        negatives_root=config.get("negatives_root") if name == config.get("dataset") else None, **kw,
-    )  # fmt: skip
+    name = args.dataset or cfg.dataset
+    other = {} if name == cfg.dataset else {"dataset_kwargs": {}, "negatives_root": None}
+    root = args.root if args.dataset or args.root else cfg.root
+    data = dataclasses.replace(cfg, dataset=name, root=root, **other)
+    split = args.split or cfg.eval_split or "test"
+    ds = build_dataset_for(data, split)
     return ds if len(ds) <= args.max_images else Subset(ds, range(args.max_images)), f"{name} {split}"
 
 
-def contribution_outputs(model, config: dict, images: torch.Tensor, shown: list[torch.Tensor], names: list[str], args):
+def contribution_outputs(model, cfg, images: torch.Tensor, shown: list[torch.Tensor], names: list[str], args):
     """Per-image figures, plus the section's text and table."""
     from icnn.attribution.contributions import (
         assign_filter_parts,
@@ -239,7 +239,7 @@ def contribution_outputs(model, config: dict, images: torch.Tensor, shown: list[
     )
     from icnn.report import Table
 
-    ds, label = _parts_dataset(config, args)
+    ds, label = _parts_dataset(cfg, args)
     parts = assign_filter_parts(model, ds, args.layer, top_n=args.top_n)
     overall = dataset_part_contributions(model, ds, parts, target=args.target)
     pc = part_contributions(model, images, parts, target=args.target)
@@ -282,6 +282,7 @@ def _file_names(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from icnn.report import Section, write_report
+    from icnn.training.checkpoint import output_dir
     from icnn.training.loop import resolve_device
 
     methods = list(dict.fromkeys(args.method))
@@ -299,7 +300,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     paths = image_paths(args.images)
     model, cfg, _ = load_run(args.checkpoint, device)
-    config = cfg.to_dict()
     try:
         layer_module(model, args.layer)
     except ValueError as exc:
@@ -314,9 +314,7 @@ def run(args: argparse.Namespace) -> int:
     images, shown = load_images(paths, model.image_size)
     images = images.to(device)
     names = _file_names(paths)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     outputs: list[tuple[str, Figure]] = []  # (file name, figure)
@@ -325,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         if method == "actmax":
             outputs += actmax_outputs(model, images, names, args)
         elif method == "contributions":
-            figs, text, table = contribution_outputs(model, config, images, shown, names, args)
+            figs, text, table = contribution_outputs(model, cfg, images, shown, names, args)
             outputs += figs
             texts.append(text)
             tables.append(table)
@@ -334,10 +332,10 @@ def run(args: argparse.Namespace) -> int:
     for name, fig in outputs:
         (out / name).write_bytes(fig.png)
 
-    texts.insert(0, f"{len(paths)} image(s), {config['arch']} from {args.checkpoint}; methods: {', '.join(methods)}; "
+    texts.insert(0, f"{len(paths)} image(s), {cfg.arch} from {args.checkpoint}; methods: {', '.join(methods)}; "
                     f"layer {args.layer}; target {'predicted class' if args.target is None else args.target}.")  # fmt: skip
     section = Section(SECTION_TITLE, tables=tables, figures=[fig for _, fig in outputs], text="\n\n".join(texts))
-    title = f"icnn visualisations: {config['arch']}"
+    title = f"icnn visualisations: {cfg.arch}"
     page = write_report(out / "visualizations.html", title, [section], meta={"checkpoint": str(args.checkpoint)})
     if args.report is not None:
         add_to_report(Path(args.report), section, title=title, fallback=page)

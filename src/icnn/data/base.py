@@ -26,12 +26,12 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 SAMPLE_KEYS = ("image", "label", "box", "landmarks", "part_masks", "index")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -41,6 +41,12 @@ Box = tuple[float, float, float, float]
 
 class DatasetError(ValueError):
     """A missing or corrupt dataset file; the message is one line naming the file and the problem."""
+
+
+def as_batches(data: Dataset | Iterable[dict], batch_size: int) -> Iterable[dict]:
+    """The batches of one pass over ``data``: a Dataset in its order (a DataLoader, no shuffling);
+    anything else is taken to be batches already (a DataLoader, a list of batch dicts)."""
+    return DataLoader(data, batch_size=batch_size, shuffle=False) if isinstance(data, Dataset) else data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from ..evaluate import EvalConfig, MetricSuite
 from ..metrics.receptive_field import layer_geometry
-from ..models.net import eval_mode
+from ..models.net import batch_input, eval_mode
 from ..task_loss import correct_count
 from ..training.loop import progress
 from .model import ExplainedNet, Explainer, performer_targets
@@ -70,9 +70,8 @@ def evaluate_explainer(performer: nn.Module, explainer: Explainer, dataset, *, l
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     with eval_mode(performer, explainer):
         for batch in progress(loader, enabled=cfg.progress, total=len(loader), desc=f"evaluate explainer ({n} images)"):
-            from_stem = "stem" in batch
-            x = (batch["stem"] if from_stem else batch["image"]).to(device)
-            perf = performer_targets(performer, x, layer, explainer.targets, from_stem=from_stem)
+            x, from_stem = batch_input(batch)
+            perf = performer_targets(performer, x.to(device), layer, explainer.targets, from_stem=from_stem)
             o = explainer(perf.read)
             labels = batch["label"].long()
             correct["performer"] += float(correct_count(kind, perf.logits.float().cpu(), labels))

@@ -252,7 +252,8 @@ def build_explainer(performer: nn.Module, *, layer: str = "stem", reconstruct: S
             backbone below its top conv-layer, i.e. relu4 of AlexNet/VGG-M/VGG-S, relu5_2 of
             VGG-16, the third block of small_cnn) or a performer layer name (``"top"``).
         reconstruct: performer head modules to reconstruct (default fc6, fc7; GAP heads: the
-            pooled features).
+            pooled features); each reads the output of the one before it, the first that of
+            the flatten, so ``("fc7",)`` alone is an ``ExplainerError``.
         mask: ``PartMask`` keyword arguments of the explainer's mask layers.
         norm_momentum: running-mean momentum of the norm-layers.
         w_p_init: initial ``w_p`` (0: ``p = 0.5``).
@@ -266,20 +267,24 @@ def build_explainer(performer: nn.Module, *, layer: str = "stem", reconstruct: S
     ordin = he_init(nn.Conv2d(d_in, d, interp1.kernel_size, interp1.stride, interp1.padding, interp1.dilation, bias=True))
     pool, flatten, targets, tail = split_head(performer.head, reconstruct)
     head = dict(performer.head.named_children())
-    # the width of each target, from one meta-device pass of the head on an L x L map
-    feats = _head_widths(performer, targets)
-    decoder, width = [], None
+    flat = next(n for n, m in head.items() if m is flatten)
+    # the width of the flatten and of each target, from one forward of a zero image
+    feats = _head_widths(performer, [flat, *targets])
+    decoder, width, source = [], feats[flat], flat  # fc-dec-1 reads the flatten, fc-dec-l+1 fc-dec-l
     for t in targets:
         m = head[t]
         if isinstance(m, nn.Linear):
             fc = copy.deepcopy(m).float().requires_grad_(True)  # fc-dec-l = the performer's fc_l (§4)
         else:
-            f_in = feats[t] if width is None else width
+            f_in = feats[t] if not decoder else width
             fc = nn.Linear(f_in, feats[t])
             nn.init.eye_(fc.weight)
             nn.init.zeros_(fc.bias)
+        if fc.in_features != width:  # e.g. fc7 alone: it reads fc6's output, not the flatten's
+            raise ExplainerError(f"reconstruct: {t!r} takes {fc.in_features} features but would read the {width} of {source!r} "
+                                 "(each target reads the output of the target before it, the first that of the flatten)")
         decoder.append(fc)
-        width = fc.out_features
+        width, source = fc.out_features, t
     return Explainer(
         interp1, interp2, ordin, copy.deepcopy(pool), copy.deepcopy(flatten), decoder, copy.deepcopy(tail), targets,
         mask=mask, norm_momentum=norm_momentum, w_p_init=w_p_init,

@@ -57,14 +57,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..loss import FilterLoss
 from ..task_loss import task_loss_for
-from ..models.net import eval_mode
+from ..models.net import batch_input, eval_mode
 from ..training.checkpoint import load_checkpoint
 from ..training.config import ConfigError, RunConfig
-from ..training.distributed import all_reduce_sum, world_size
+from ..training.distributed import all_reduce_sum, shard, world_size
 from ..training.loop import FitResult, Objective, StepOutput, fit, seed_everything
 from .model import Explainer, ExplainerError, ExplainerOutput, PerformerFeatures, build_explainer, performer_targets
 
@@ -304,9 +304,8 @@ class ExplainerObjective(Objective):
 
     def targets(self, batch) -> PerformerFeatures:
         device = next(self.performer.parameters()).device
-        from_stem = "stem" in batch
-        x = (batch["stem"] if from_stem else batch["image"]).to(device)
-        return performer_targets(self.performer, x, self.cfg.layer, self.model.targets, from_stem=from_stem)  # no grad
+        x, from_stem = batch_input(batch)
+        return performer_targets(self.performer, x.to(device), self.cfg.layer, self.model.targets, from_stem=from_stem)  # no grad
 
     def step(self, batch) -> StepOutput:
         perf = self.targets(batch)
@@ -327,11 +326,7 @@ class ExplainerObjective(Objective):
     def measure_lambda_l(self, train_set, device) -> None:
         """``lambda_l`` from the performer's features of all training images (paper §4); under
         DDP each process reads every world-th image and ``estimate_lambda_l`` all-reduces."""
-        import torch.distributed as dist
-
-        rank, world = (dist.get_rank(), dist.get_world_size()) if world_size() > 1 else (0, 1)
-        shard = Subset(train_set, range(rank, len(train_set), world)) if world > 1 else train_set
-        plain = DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        plain = DataLoader(shard(train_set), batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
 
         def rows(b):
             f = self.targets(b)
@@ -362,9 +357,8 @@ def train_explainer(performer: nn.Module, train_set, cfg: ExplainerConfig | None
             explainer = build_explainer(performer, layer=cfg.layer, reconstruct=cfg.reconstruct, mask=cfg.mask,
                                         norm_momentum=cfg.norm_momentum, w_p_init=cfg.w_p_init).to(device)  # fmt: skip
             with torch.no_grad():
-                probe = train_set[0]
-                x = (probe["stem"] if "stem" in probe else probe["image"])[None].to(device)
-                read = performer_targets(performer, x, cfg.layer, (), from_stem="stem" in probe).read
+                x, from_stem = batch_input(train_set[0])
+                read = performer_targets(performer, x[None].to(device), cfg.layer, (), from_stem=from_stem).read
                 map_size = tuple(explainer.layers["interp1"].body(read).shape[-2:])
             kind = "logistic" if performer.num_classes == 1 else "softmax"
             eta = default_eta(performer) if cfg.eta is None else cfg.eta

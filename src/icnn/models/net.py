@@ -189,6 +189,19 @@ class InterpretableNet(nn.Module):
         return f"arch={self.arch!r}, num_classes={self.num_classes}, interpretable={self.interpretable}"
 
 
+def batch_input(batch: dict) -> tuple[torch.Tensor, bool]:
+    """What a network reads of a batch of samples, and whether it is the stem's output: the
+    stem's outputs when the batch carries them (``stem``: a frozen stem's cache, ``icnn.cache``),
+    else its ``image``."""
+    return (batch["stem"], True) if "stem" in batch else (batch["image"], False)
+
+
+def batch_features(model: nn.Module, batch: dict, device: torch.device | str) -> FeatureMaps:
+    """``model``'s feature maps of a batch of samples (from the stem's outputs when it has them)."""
+    x, from_stem = batch_input(batch)
+    return model.features_from_stem(x.to(device)) if from_stem else model.forward_features(x.to(device))
+
+
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)

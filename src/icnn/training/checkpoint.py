@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunDirError(ValueError):
-    """An output directory that belongs to another run, or is in use; one-line message."""
+    """An output directory that is a file, belongs to another run, or is in use; one-line message."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +248,15 @@ def run_dir_of(path: str | os.PathLike) -> Path:
     return ckpt.parent if ckpt.name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old") else ckpt
 
 
+def output_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out`` as a Path, if it can be an output directory (it may not exist yet); RunDirError
+    naming ``flag`` when it is a file. Every command that writes a folder checks it this way."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{flag} {out}: exists and is not a directory")
+    return out
+
+
 class RunLock:
     """Exclusive ownership of a run directory while a run writes into it (``OUT/.lock``, flock).
 
@@ -257,9 +266,7 @@ class RunLock:
     """
 
     def __init__(self, out: str | os.PathLike, resume: str | os.PathLike | None = None, *, flag: str = "--out"):
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise RunDirError(f"{flag} {out}: exists and is not a directory")
+        out = output_dir(out, flag)
         for parent in out.parents:
             if parent.exists() and not parent.is_dir():
                 raise RunDirError(f"{flag} {out}: {parent} is a file, not a directory")

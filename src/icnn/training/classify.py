@@ -26,6 +26,7 @@ from torch import nn
 
 from ..mask import PartMask
 from ..metrics.collapse import FilterCollapse, collapse_warnings
+from ..models.net import batch_input
 from ..task_loss import task_loss_for
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, TrainConfig
@@ -207,10 +208,9 @@ class ClassifierObjective(Objective):
 
     def _forward(self, batch):
         device = next(self.model.parameters()).device
-        from_stem = "stem" in batch
-        x = (batch["stem"] if from_stem else batch["image"]).to(device, non_blocking=True)
+        x, from_stem = batch_input(batch)
         with self.autocast():
-            return self.net(x, from_stem)
+            return self.net(x.to(device, non_blocking=True), from_stem)
 
     def step(self, batch) -> StepOutput:
         labels = batch["label"].to(next(self.model.parameters()).device, non_blocking=True).long()

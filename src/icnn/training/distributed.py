@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Subset
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,14 @@ class EpochSampler(DistributedSampler):
 def world_size() -> int:
     """Processes in the default process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard(dataset: Dataset) -> Dataset:
+    """This process's share of ``dataset`` for a pass whose sums are all-reduced: every world-th
+    item from its rank (the whole dataset without a process group)."""
+    if world_size() == 1:
+        return dataset
+    return Subset(dataset, range(dist.get_rank(), len(dataset), dist.get_world_size()))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

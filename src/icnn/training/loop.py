@@ -48,12 +48,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt_io
 from .checkpoint import NonFiniteLossError, RunLock
 from .config import ConfigError, RunConfig
-from .distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed, sync_batchnorm
+from .distributed import DistEnv, EpochSampler, all_reduce_sum, cleanup_distributed, init_distributed, shard, sync_batchnorm
 from .logs import RunLog
 
 
@@ -311,8 +311,7 @@ def _fit(objective, train_set, cfg, device, denv, resume, eval_set, run_config, 
                         pin_memory=device.type == "cuda", generator=loader_gen, worker_init_fn=_seed_worker)  # fmt: skip
     eval_loader = None
     if eval_set is not None:
-        shard = Subset(eval_set, range(denv.rank, len(eval_set), denv.world_size)) if denv.enabled else eval_set
-        eval_loader = DataLoader(shard, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        eval_loader = DataLoader(shard(eval_set), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
 
     out = Path(cfg.out)
     log = None

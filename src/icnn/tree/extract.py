@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.base import as_batches
+from ..models.net import batch_features
 from ..training.loop import progress as progress_bar
 from .model import TreeError
 
@@ -213,8 +215,7 @@ def extract(
     t = _check(model, layer, site, target)
     single = int(getattr(model, "num_classes", 1)) == 1
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    data = as_batches(data, batch_size)
     head = layer_head(model, layer, site)
     out: dict[str, list] = {k: [] for k in ("sum_x", "grad", "y", "label", "index", "drop")}
     seen, hw = 0, 1
@@ -223,10 +224,7 @@ def extract(
             if "label" not in batch:
                 raise TreeError("data: samples need a 'label' to tell the positive images")
             with torch.no_grad():
-                if "stem" in batch:  # a frozen stem's cached output (icnn.cache.StemCache.dataset)
-                    feats = model.features_from_stem(batch["stem"].to(device))
-                else:
-                    feats = model.forward_features(batch["image"].to(device))
+                feats = batch_features(model, batch, device)
             maps = (feats.relu if site == "pre_mask" else feats.masked)[layer]  # (B, D, h, w)
             hw = maps.shape[2] * maps.shape[3]
             sum_x, grad, y = pooled(maps, head, t)
