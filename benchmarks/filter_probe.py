@@ -78,13 +78,16 @@ def subsets():
     if args.setting == "cub":
         pos_tr = list(range(len(tr.records)))
         pos_te = [(te, i) for i in range(len(te.records))]
-    else:  # species 1-5 train; 6-10 every image (never seen)
+    else:  # species 1-5 train; val: 6-10's training images; test: 6-10 every image (never seen)
         pos_tr = [i for i, r in enumerate(tr.records) if r.label < 5]
         pos_te = [(al, i) for i, r in enumerate(al.records) if r.label >= 5]
     ptr = [(tr, i) for i in pos_tr]
     ntr_l = [(ntr, i) for i in neg_tr]
     fit = [p for p in ptr if not is_val(str(p[0].records[p[1]].path))], [n for n in ntr_l if not is_val(str(n[0].records[n[1]].path))]
     val = [p for p in ptr if is_val(str(p[0].records[p[1]].path))], [n for n in ntr_l if is_val(str(n[0].records[n[1]].path))]
+    if args.setting == "transfer":  # held-out species for validation: species 6-10's training images, never the test split
+        fit = ptr, fit[1]
+        val = [(tr, i) for i, r in enumerate(tr.records) if r.label >= 5], val[1]
     test = pos_te, [(nte, i) for i in range(len(nte.records))]
     return fit, val, test
 

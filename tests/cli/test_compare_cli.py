@@ -107,7 +107,7 @@ def test_the_cub_recipe_file_is_the_measured_configuration(tmp_path):
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr_mult, cfg.lr_schedule) == (6, 32, 0.01, 0.1, "cosine")
     assert cfg.mask_warmup_epochs == 0.0 and cfg.dataset_kwargs == {"max_negatives": 300}
     assert cfg.filter_loss == {"mode": "posterior", "lambda_": 1.0, "z_estimate": "batch", "diversity": 0.234375,
-                               "decorrelation": 1.5625, "adapt_rate": 0.1, "warmup_epochs": 0}
+                               "decorrelation": 1.5625, "warmup_epochs": 0}
     # ... which is compare's own recipe: the file only spells it out
     from icnn.cli.compare import RECIPE
 

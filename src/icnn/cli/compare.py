@@ -41,8 +41,7 @@ RECIPE = {
     "lr_schedule": "cosine",
     "log_every": 0,
     "eval_split": "test",
-    "filter_loss": {"mode": "posterior", "lambda_": 1.0, "z_estimate": "batch", "diversity": 0.234375, "decorrelation": 1.5625,
-                    "adapt_rate": 0.1},
+    "filter_loss": {"mode": "posterior", "lambda_": 1.0, "z_estimate": "batch", "diversity": 0.234375, "decorrelation": 1.5625},
     "dataset_kwargs": {"max_negatives": 300},
 }
 SYNTHETIC_KWARGS = {"num_samples": 1000}  # the built-in data: training images (half positives)
