@@ -5,7 +5,7 @@ builds both ``FilterLoss`` modules with the recipe's settings (``icnn.cli.compar
 times forward + backward on the same maps, alternating ``ref, this, ref, this, ...``; prints the
 medians. ``keep_freed_memory`` is set as ``icnn.training.loop.fit`` sets it.
 
-    python benchmarks/bench_loss_ab.py --rev a5f2991 --batch-size 32 --threads 1
+    python benchmarks/bench_loss_ab.py --rev a5f2991 --batch-size 32 --threads 1 [--clock thread]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall time, or this thread's CPU time (less disturbed by other jobs on the machine; one thread only)")
     args = p.parse_args()
     from icnn import FilterLoss
     from icnn.cli.compare import RECIPE
@@ -58,16 +60,17 @@ def main() -> None:
         losses[name].start_epoch(1)
     torch.manual_seed(0)
     maps, labels = torch.relu(torch.randn(b, c, n, n)), torch.arange(b) % 2
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     times: dict[str, list[float]] = {k: [] for k in losses}
     for i in range(args.steps + 3):
         for name, fl in losses.items():
             x = maps.clone().requires_grad_()
-            t0 = time.perf_counter()
+            t0 = clock()
             fl(x, labels).backward()
             if i >= 3:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     print(f"FilterLoss forward + backward, maps ({b}, {c}, {n}, {n}), the recipe's settings, {torch.get_num_threads()} threads, "
-          f"{args.steps} interleaved steps each, medians:")  # fmt: skip
+          f"{args.steps} interleaved steps each, medians of {args.clock} time:")  # fmt: skip
     for name, t in times.items():
         print(f"  {name:16s} {1e3 * statistics.median(t):8.1f} ms")
 

@@ -9,7 +9,7 @@ the per-pair ratios (each interpretable step against the ordinary step just befo
 outputs (what a frozen stem's cache serves: ``icnn.cache``), so the step is the top conv-layer, the
 new layer, the head and the losses only -- where the mask and the filter loss weigh most.
 
-    python benchmarks/bench_train.py --arch efficientnet_lite0 --image-size 224 --batch-size 32 --cached [--amp]
+    python benchmarks/bench_train.py --arch efficientnet_lite0 --image-size 224 --batch-size 32 --cached [--amp] [--clock thread]
     python benchmarks/bench_train.py --arch vgg16 --image-size 224 --batch-size 64 --device cuda [--compile]
 """
 
@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--malloc-default", action="store_true", help="leave glibc's malloc as it is (fit() sets keep_freed_memory)")
     p.add_argument("--amp", action="store_true", help="mixed precision: amp on GPU, cpu_amp (bfloat16) on CPU")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall time, or this thread's CPU time (less disturbed by other jobs on the machine; with --threads 1 only)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     if args.threads:
@@ -75,18 +77,19 @@ def main() -> None:
     else:
         batch["image"] = images
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     times: dict[str, list[float]] = {name: [] for name in twins}
     for i in range(args.warmup + args.steps):
         for name, (objective, optimizer) in twins.items():  # interleaved: one step each, in turn
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             out = objective.step(batch)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             optimizer.step()
             sync()
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ratio = med["interpretable"] / med["ordinary"]
     # each interpretable step against the ordinary step just before it: machine noise that lasts
@@ -94,7 +97,7 @@ def main() -> None:
     pairs = sorted(i / o for o, i in zip(times["ordinary"], times["interpretable"]))
     q1, q2, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
     print(f"{args.arch} {args.image_size}px batch {args.batch_size} {'cached stem' if args.cached else 'full network'} "
-          f"({args.device}, {torch.get_num_threads()} threads, {args.steps} interleaved steps each, medians)")  # fmt: skip
+          f"({args.device}, {torch.get_num_threads()} threads, {args.steps} interleaved steps each, medians of {args.clock} time)")  # fmt: skip
     for name in twins:
         print(f"  {name:14s} {med[name]:8.1f} ms/step  {1e3 * args.batch_size / med[name]:7.1f} images/s")
     print(f"  interpretable / ordinary: {ratio:.3f}x (ratio of medians); paired steps: median {q2:.3f}x, quartiles {q1:.3f}-{q3:.3f}")

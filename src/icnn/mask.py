@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .templates import DISTANCES, template_shape
 
@@ -45,6 +46,31 @@ def locate_parts(x: torch.Tensor, mode: str = "argmax") -> torch.Tensor:
         mu = torch.stack((ri / safe, cj / safe), dim=-1)
         return torch.where((mass > 0)[..., None], mu, centre)
     raise ValueError(f"mu must be one of {MU_MODES}, got {mode!r}")
+
+
+class _MaskedReLU(torch.autograd.Function):
+    """``relu(x * m)`` for a constant ``m``: the ReLU in place on the product, and a backward of two
+    passes (``threshold_backward``, then ``* m`` in place) -- the same values and gradient as
+    autograd's, which keeps a second output and a second gradient alive."""
+
+    @staticmethod
+    def forward(ctx, x, m):
+        y = torch.mul(x, m).clamp_min_(0.0)
+        ctx.save_for_backward(y, m)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, m = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, y, 0).mul_(m), None
+
+
+def masked_relu(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``relu(x * m)``, differentiable in ``x`` only (``m`` is the mask: no gradient)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaskedReLU.apply(x, m.detach())
+    return torch.mul(x, m).clamp_min_(0.0)
 
 
 class PartMask(nn.Module):
@@ -178,9 +204,7 @@ class PartMask(nn.Module):
         m = self.mask(x)
         if self.adaptive and self.training and torch.is_grad_enabled():
             self._update_beta(x.detach().float(), m.float())  # the slope used by the next step
-        if s >= 1.0:
-            return torch.relu(x * m)
-        return torch.relu(x * ((1.0 - s) + s * m))
+        return masked_relu(x, m if s >= 1.0 else (1.0 - s) + s * m)
 
     def extra_repr(self) -> str:
         extra = "" if self.strength >= 1.0 else f", strength={self.strength:g}"

@@ -523,3 +523,106 @@ def test_given_units_replace_the_argmax_as_targets():
     assert (at_given > 0).all()
     with pytest.raises(ValueError, match="units must be"):
         grad(torch.full((6, 3), 16))
+
+
+def _maps_with_silence_and_ties(seed: int, scale: float) -> torch.Tensor:
+    """Random float64 maps (8, 6, 4, 5) after ReLU with silent maps, all-tied maps and tied peaks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(8, 6, 4, 5, generator=g, dtype=torch.float64)) * scale
+    x[0, 0] = 0.0  # silent
+    x[1, :3] = 0.0
+    x[2, 1] = scale  # every unit tied
+    x[3, 2, :, :2] = x[3, 2].max()  # the peak tied over two columns
+    return x
+
+
+def _posterior_by_autograd(x, templates, log_z, log_prior, t_hat, lam, is_target, collision_weight, decor_weight, labels, targets):
+    """The posterior objective as ``FilterLoss`` ran it through autograd before session 13."""
+    from icnn.loss.filter_loss import peak_decorrelation, position_collision, posterior_nll, template_posterior
+    from icnn.loss.mi import template_scores
+
+    log_post, post = template_posterior(template_scores(x, templates), log_z, log_prior)
+    loss = (lam * posterior_nll(log_post, t_hat).mean(0)).sum()
+    if collision_weight:
+        loss = loss + collision_weight * position_collision(post, is_target)
+    if decor_weight:
+        loss = loss + decor_weight * peak_decorrelation(x.flatten(2).max(-1).values, labels, targets)
+    return loss, log_post
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e4])  # 1e4: batch_exp's exps underflow, the log-space path takes over
+@pytest.mark.parametrize("shared", ["copy", "in place", None])
+@pytest.mark.parametrize("terms", ["recipe", "nll", "collision", "decorrelation"])
+def test_fused_posterior_equals_autograd_in_float64(terms, shared, scale):
+    """:mod:`icnn.loss.posterior` (the analytic gradient ``FilterLoss`` uses in posterior mode) against
+    autograd of the same objective, float64: value, gradient, H(T|x) and log p(x), for the recipe's
+    weights and for each term alone; targets at the argmax on most maps, elsewhere given units."""
+    from icnn.cli.compare import RECIPE
+    from icnn.loss.filter_loss import peak_decorrelation, target_templates
+    from icnn.loss.mi import template_scores
+    from icnn.loss.posterior import batch_exp, posterior_terms, score_maps
+
+    recipe = RECIPE["filter_loss"]
+    weights = {"recipe": (1.0, recipe["diversity"] * 6, recipe["decorrelation"] * 6), "nll": (1.0, 0.0, 0.0),
+               "collision": (0.0, 0.5, 0.0), "decorrelation": (0.0, 0.0, 2.0)}[terms]  # fmt: skip
+    x = _maps_with_silence_and_ties(12, scale)
+    b, c, h, w = x.shape
+    templates = part_templates(h, w).double()
+    log_prior = template_priors(h, w).log().double()
+    labels = torch.tensor([1, 1, 0, 1, 2, 1, 0, 2])
+    targets = torch.tensor([1, 1, 2, 1, 2, 0])
+    is_target = labels[:, None] == targets[None, :]
+    lam = torch.tensor([0.5, 1.0, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64) * weights[0]
+    scores, peaks, units = score_maps(x, templates)
+    given = units.clone()
+    given[5:] = torch.randint(0, h * w, (3, c), generator=torch.Generator().manual_seed(1))
+    t_hat = target_templates(given, is_target, h * w)
+    log_z = torch.logsumexp(scores, 0).t() - math.log(b)  # Z_T of this batch, (C, T)
+
+    xa = x.clone().requires_grad_()
+    ref, log_post = _posterior_by_autograd(xa, templates, log_z, log_prior, t_hat, lam, is_target, weights[1], weights[2], labels, targets)
+    ref.backward()
+    xf = x.clone().requires_grad_()
+    out = posterior_terms(xf, scores, peaks, units, log_z, log_prior, templates, t_hat, lam, is_target, collision_weight=weights[1],
+                          shared=batch_exp(scores if shared == "copy" else scores.clone(), in_place=shared == "in place") if shared else None)  # fmt: skip
+    loss = out.loss + (weights[2] * peak_decorrelation(out.peaks, labels, targets) if weights[2] else 0.0)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(xf.grad, xa.grad, rtol=1e-9, atol=1e-14)
+    log_post = log_post.detach()
+    torch.testing.assert_close(out.entropy, -(log_post.exp() * log_post).sum(-1), rtol=1e-9, atol=1e-12)
+    log_norm = torch.logsumexp(template_scores(x, templates) + log_prior - log_z, -1)  # log p(x) + log B
+    torch.testing.assert_close(out.log_norm, log_norm, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_posterior_without_gradient_and_with_no_category_images():
+    """No graph when nothing needs a gradient; a batch without any image of a filter's category has
+    no collision (0, no gradient from it), as ``position_collision`` gives."""
+    from icnn.loss.filter_loss import position_collision, template_posterior
+    from icnn.loss.posterior import posterior_terms, score_maps
+
+    x = _maps_with_silence_and_ties(13, 2.0)
+    b, c, h, w = x.shape
+    templates, log_prior = part_templates(h, w).double(), template_priors(h, w).log().double()
+    scores, peaks, units = score_maps(x, templates)
+    log_z = torch.logsumexp(scores, 0).t() - math.log(b)
+    none = torch.zeros(b, c, dtype=torch.bool)
+    out = posterior_terms(x, scores, peaks, units, log_z, log_prior, templates, units, torch.ones(c, dtype=torch.float64), none, 1.0)
+    assert out.loss.grad_fn is None and out.peaks.grad_fn is None
+    post = template_posterior(scores.transpose(1, 2), log_z, log_prior)[1]
+    assert float(out.collision) == float(position_collision(post, none)) == 0.0
+
+
+def test_recipe_loss_finite_for_activations_up_to_1e4():
+    from icnn.cli.compare import RECIPE
+
+    x = torch.rand(6, 4, 7, 7) * 1e4
+    x[0, 0] = 0.0
+    x[1, 1] = 1e4  # tied everywhere
+    fl = FilterLoss(4, 2, (7, 7), negative_class=0, **RECIPE["filter_loss"])
+    fl.start_epoch(1)
+    x.requires_grad_()
+    out = fl(x, torch.tensor([1, 0, 1, 1, 0, 1]))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+    assert all(math.isfinite(v) for k, v in fl.diagnostics().items() if k not in ("batch_peak_correlation",))

@@ -121,3 +121,25 @@ def test_adaptive_beta_state_dict_and_errors():
         PartMask(beta="learned")
     with pytest.raises(ValueError, match="adaptive beta needs"):
         PartMask(beta="adaptive", beta_range=(3.0, 1.0))
+
+
+def test_masked_relu_equals_autograd_of_relu_x_times_m():
+    """The mask's fused multiply-ReLU: the same output and gradient, to the bit, as autograd of
+    ``relu(x * m)``, on maps with zeros, negatives and ties, at full and partial strength."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 5, 6, generator=g)
+    x[0, 0] = 0.0
+    x[1, 1] = 1.0  # tied everywhere
+    w = torch.randn(x.shape, generator=g)
+    for strength in (1.0, 0.3):
+        layer = PartMask()
+        layer.strength = strength
+        xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = layer(xa)
+        (out * w).sum().backward()
+        m = layer.mask(x)
+        ref = torch.relu(xr * (m if strength >= 1.0 else (1.0 - strength) + strength * m))
+        (ref * w).sum().backward()
+        assert torch.equal(out, ref) and torch.equal(xa.grad, xr.grad)
+    with torch.no_grad():
+        assert torch.equal(PartMask()(x), torch.relu(x * PartMask().mask(x)))

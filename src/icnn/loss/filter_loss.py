@@ -21,7 +21,7 @@ below over the shared running statistics (``state.FilterStatistics``):
   ``p(T|x) = p(T) p(x|T) / p(x)`` against the target template: the label-guided conditional
   entropy ``H(T|X)`` of Eq. 1 (``-MI = H(T|X) - H(T)``). Gradient ``-(t^ - E_p(T|x) t)``: towards
   ``T^`` always (a negative is always pushed towards silence), vanishing once the posterior is
-  confident.
+  confident. Computed in closed form, value and gradient (:mod:`.posterior`), not by autograd.
 * ``"exact"`` -- autograd of Eq. 1 over the batch (label-free).
 
 ``diversity`` adds the filters' competition for positions (:func:`position_collision`): nothing
@@ -49,6 +49,7 @@ gradient), so the loss cannot be lowered by scaling activations; ``sharpness`` t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -56,6 +57,7 @@ from torch import nn
 
 from ..templates import DISTANCES, default_alpha, default_tau, part_templates, template_priors
 from .mi import decompose, neg_mi, neg_mi_from_posterior, template_scores
+from .posterior import batch_exp, posterior_terms, score_maps
 from .state import SCHEDULES, Z_ESTIMATES, Z_SCOPES, FilterStatistics, all_reduce_logsumexp, all_reduce_mean, all_reduce_sum, dist_ready
 
 MODES = ("paper", "exact", "posterior")
@@ -262,7 +264,7 @@ class FilterLoss(nn.Module):
         if cfg.adapt_rate > 0:  # log of the factors on diversity and decorrelation (saved: resume continues them)
             self.register_buffer("log_scale", torch.zeros(2))
         self._diag: dict[str, float] = {}
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: Callable[[], torch.Tensor] | None = None  # the last step's scores (B, C, T), when asked
 
     def start_epoch(self, epoch: int) -> None:
         """Begin epoch ``epoch`` (1-based): lambda's schedule, this epoch's statistics."""
@@ -281,9 +283,8 @@ class FilterLoss(nn.Module):
         (the Eq. 5-7 terms are computed here, from the last step's scores, not at every step)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            scores, lam = pending
             with torch.no_grad():
-                terms = decompose(scores, self.log_prior)
+                terms = decompose(pending(), self.log_prior)
             self._diag.update({k: float(terms[k].mean()) for k in ("neg_mi", "inter_entropy", "spatial_entropy")})
         return dict(self._diag)
 
@@ -294,46 +295,99 @@ class FilterLoss(nn.Module):
         b, c, h, w = x.shape
         if not bool(torch.isfinite(x.detach().reshape(b, c, h * w).sum(-1, dtype=torch.float32)).all()):  # never fold a bad batch in
             return (x.float().sum() * float("nan")).reshape(())
-        cfg = self.config
         xf = x.float()
-        if cfg.map_norm == "batch":  # like a norm layer: with gradient, the same scale on every process
+        if self.config.map_norm == "batch":  # like a norm layer: with gradient, the same scale on every process
             scale = xf.amax(dim=(-2, -1)).mean(0)  # (C,)
             if dist_ready():
                 scale = scale + (all_reduce_mean(scale.detach()) - scale.detach())
             xf = xf / scale.clamp_min(1e-6)[None, :, None, None]
-        with torch.set_grad_enabled((cfg.mode != "paper" or cfg.diversity > 0) and torch.is_grad_enabled()):
+        if self.config.mode == "posterior":
+            return self._posterior(x, xf, labels, units)
+        return self._autograd(x, xf, labels, units)
+
+    def _check_units(self, units: torch.Tensor | None, own_units: torch.Tensor) -> torch.Tensor:
+        """The target locations: each map's argmax ``own_units`` unless ``units (B, C)`` are given."""
+        if units is None:
+            return own_units
+        (b, c), (h, w) = own_units.shape, self.map_size
+        if tuple(units.shape) != (b, c) or bool(((units < 0) | (units >= h * w)).any()):
+            raise ValueError(f"filter loss units must be (B, C) = ({b}, {c}) flat unit indices in [0, {h * w}), got {tuple(units.shape)}")
+        return units
+
+    def _fold(self, x: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, peaks: torch.Tensor,
+              lse: torch.Tensor | None = None) -> bool:  # fmt: skip
+        """This batch into the running statistics (``scores (B, C, T)``, any layout; ``lse`` their
+        log-sum-exp over the batch if computed); whether ``log_z`` is now the batch's own."""
+        cfg = self.config
+        return self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope,
+                                 momentum=cfg.z_momentum, peak=peaks.detach() if cfg.map_norm == "none" else None, lse=lse)  # fmt: skip
+
+    def _posterior(self, x, xf, labels, units) -> torch.Tensor:
+        """``mode="posterior"`` by :mod:`.posterior`: one matmul and one exp over the scores, the
+        gradient written out (the same value and gradient as autograd through log-softmax, gather
+        and the collision; docs/benchmarks.md, session 13)."""
+        cfg, (b, c, h, w) = self.config, x.shape
+        scores, peaks, own_units = score_maps(xf, self.templates)  # (B, T, C), (B, C), (B, C); no gradient
+        units = self._check_units(units, own_units)
+        # one exp for Z_T and the posterior; the scores themselves are kept only where -MI needs them
+        keep = cfg.z_estimate != "batch" or cfg.z_scope != "all" or dist_ready()
+        shared = batch_exp(scores, in_place=not keep)
+        own_z = self._fold(x, scores.transpose(1, 2), labels, peaks, shared.lse)  # without keep only lse is read
+        lam = self.lambdas().to(xf.dtype)  # (C,)
+        maps = xf.detach()
+        self._pending = lambda: template_scores(maps, self.templates)  # the Eq. 5-7 terms of diagnostics(), computed when asked
+        targets = self.targets()
+        is_target = labels[:, None] == targets[None, :]  # (B, C): image of the filter's category
+        t_hat = target_templates(units, is_target, h * w)
+        active = bool((lam > 0).any())
+        div_w, decor_w = self.term_weights()
+        diverse = cfg.diversity > 0 and active
+        terms = posterior_terms(xf, scores, peaks, own_units, self.stats.log_z.to(xf.dtype), self.log_prior, self.templates, t_hat, lam,
+                                is_target, collision_weight=div_w * self.num_filters if diverse else 0.0, shared=shared)  # fmt: skip
+        with torch.no_grad():  # the value: -MI over the batch, from the posterior where its Z_T is the batch's own
+            if own_z:
+                mi = ((terms.log_norm - math.log(b)).exp() * terms.entropy).sum(0) + (self.log_prior.exp() * self.log_prior).sum()
+            else:
+                mi = neg_mi(scores.transpose(1, 2), self.log_prior)
+            value = (lam * mi).sum()
+        loss = terms.loss
+        if diverse:
+            self._collision = float(terms.collision)
+        if cfg.decorrelation > 0 and active:  # ... and carry different information
+            redundancy = peak_decorrelation(terms.peaks, labels, targets)
+            self._redundancy = float(redundancy.detach())
+            loss = loss + decor_w * self.num_filters * redundancy
+        if cfg.adapt_rate > 0 and active and torch.is_grad_enabled():  # the weights' next step
+            self._adapt(batch_collapse(peaks, own_units, labels, targets, h * w))
+        return self._record(loss - loss.detach() + value, lam, None)  # value: lambda * -MI; gradient: the objective's
+
+    def _autograd(self, x, xf, labels, units) -> torch.Tensor:
+        """``mode="paper"`` (Eq. 4's weights on ``tr(x.T^)``) and ``"exact"`` (Eq. 1), through autograd."""
+        cfg, (b, c, h, w) = self.config, x.shape
+        with torch.set_grad_enabled((cfg.mode == "exact" or cfg.diversity > 0) and torch.is_grad_enabled()):
             scores = template_scores(xf, self.templates)  # (B, C, T); the paper's gradient needs tr(x.T^) only
         flat = xf.reshape(b, c, h * w)
         peaks, own_units = flat.max(-1)  # (B, C): max_ij x (differentiable) and mu^, the first in row-major order on ties
-        if units is None:
-            units = own_units
-        elif tuple(units.shape) != (b, c) or bool(((units < 0) | (units >= h * w)).any()):
-            raise ValueError(f"filter loss units must be (B, C) = ({b}, {c}) flat unit indices in [0, {h * w}), got {tuple(units.shape)}")
-        own_z = self.stats.update(x.detach().float(), scores.detach(), labels, estimate=cfg.z_estimate, scope=cfg.z_scope,
-                                  momentum=cfg.z_momentum, peak=peaks.detach() if cfg.map_norm == "none" else None)  # fmt: skip
+        units = self._check_units(units, own_units)
+        own_z = self._fold(x, scores, labels, peaks)
         lam = self.lambdas().to(xf.dtype)  # (C,)
-        self._pending = (scores.detach(), lam)  # the Eq. 5-7 terms of diagnostics(), computed when asked
+        self._pending = scores.detach  # the Eq. 5-7 terms of diagnostics(), computed when asked
+        if cfg.mode == "exact":
+            return self._record((lam * neg_mi(scores, self.log_prior)).sum(), lam, None)
         targets = self.targets()
         is_target = labels[:, None] == targets[None, :]  # (B, C): image of the filter's category
         t_hat = target_templates(units, is_target, h * w)
         log_z = self.stats.log_z.to(xf.dtype)
-        weights = None
-        if cfg.mode == "exact":
-            return self._record((lam * neg_mi(scores, self.log_prior)).sum(), lam, None)
         active = bool((lam > 0).any())
         diverse = cfg.diversity > 0 and active
-        log_post, post = template_posterior(scores, log_z, self.log_prior) if cfg.mode == "posterior" or diverse else (None, None)
+        log_post, post = template_posterior(scores, log_z, self.log_prior) if diverse else (None, None)
         with torch.no_grad():  # the value: -MI over the batch, from the posterior where its Z_T is the batch's own
             mi = neg_mi_from_posterior(scores, log_post, post, t_hat, log_z, self.log_prior) if own_z and post is not None \
                 else neg_mi(scores, self.log_prior)  # fmt: skip
             value = (lam * mi).sum()
-        if cfg.mode == "posterior":
-            surrogate = posterior_nll(log_post, t_hat).mean(0)  # (C,)
-        else:
-            weights = paper_weights(scores.detach(), t_hat, log_z, self.log_prior, is_target, cfg)  # (B, C)
-            tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
-            surrogate = (weights * tr_hat).sum(0) / b
-        loss = (lam * surrogate).sum()
+        weights = paper_weights(scores.detach(), t_hat, log_z, self.log_prior, is_target, cfg)  # (B, C)
+        tr_hat = (xf * self.templates.index_select(0, t_hat.reshape(-1)).reshape(b, c, h, w)).sum((-2, -1))  # tr(x.T^)
+        loss = (lam * ((weights * tr_hat).sum(0) / b)).sum()
         div_w, decor_w = self.term_weights()
         if diverse:  # the layer's filters compete for positions
             collision = position_collision(post, is_target)
