@@ -350,15 +350,9 @@ class FilterLoss(nn.Module):
             else:
                 mi = neg_mi(scores.transpose(1, 2), self.log_prior)
             value = (lam * mi).sum()
-        loss = terms.loss
         if diverse:
             self._collision = float(terms.collision)
-        if cfg.decorrelation > 0 and active:  # ... and carry different information
-            redundancy = peak_decorrelation(terms.peaks, labels, targets)
-            self._redundancy = float(redundancy.detach())
-            loss = loss + decor_w * self.num_filters * redundancy
-        if cfg.adapt_rate > 0 and active and torch.is_grad_enabled():  # the weights' next step
-            self._adapt(batch_collapse(peaks, own_units, labels, targets, h * w))
+        loss = self._across_filters(terms.loss, terms.peaks, own_units, labels, targets, decor_w, active)
         return self._record(loss - loss.detach() + value, lam, None)  # value: lambda * -MI; gradient: the objective's
 
     def _autograd(self, x, xf, labels, units) -> torch.Tensor:
@@ -393,13 +387,19 @@ class FilterLoss(nn.Module):
             collision = position_collision(post, is_target)
             self._collision = float(collision.detach())
             loss = loss + div_w * self.num_filters * collision
-        if cfg.decorrelation > 0 and active:  # ... and carry different information
+        loss = self._across_filters(loss, peaks, own_units, labels, targets, decor_w, active)
+        return self._record(loss - loss.detach() + value, lam, weights)  # value: lambda * -MI; gradient: the mode's
+
+    def _across_filters(self, loss, peaks, units, labels, targets, decor_w: float, active: bool) -> torch.Tensor:
+        """``loss`` plus the decorrelation of the filters' ``peaks (B, C)`` at weight ``decor_w`` and,
+        with ``adapt_rate``, the next step of the two terms' weights (neither while lambda is 0)."""
+        if self.config.decorrelation > 0 and active:  # the filters carry different information
             redundancy = peak_decorrelation(peaks, labels, targets)
             self._redundancy = float(redundancy.detach())
             loss = loss + decor_w * self.num_filters * redundancy
-        if cfg.adapt_rate > 0 and active and torch.is_grad_enabled():  # the weights' next step
-            self._adapt(batch_collapse(peaks.detach(), own_units, labels, targets, h * w))
-        return self._record(loss - loss.detach() + value, lam, weights)  # value: lambda * -MI; gradient: the mode's
+        if self.config.adapt_rate > 0 and active and torch.is_grad_enabled():
+            self._adapt(batch_collapse(peaks.detach(), units, labels, targets, self.map_size[0] * self.map_size[1]))
+        return loss
 
     def term_weights(self) -> tuple[float, float]:
         """The weights of ``diversity`` and ``decorrelation`` this step (the config's, times the
