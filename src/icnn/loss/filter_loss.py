@@ -182,18 +182,24 @@ def position_collision(post, is_target) -> torch.Tensor:
     return per_image[ok].mean() if bool(ok.any()) else post.sum() * 0
 
 
+def category_z_scores(peaks: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor):
+    """Per category with at least 3 images and 2 filters in the batch: its filters' peaks over its
+    images, standardised per filter, ``z (n, F)`` (``corr = z^T z / (n - 1)``; the std has an
+    epsilon, so a filter constant over them counts as uncorrelated)."""
+    for c in targets.unique().tolist():
+        s = peaks[labels == c][:, targets == c]  # (n, F)
+        if s.shape[0] >= 3 and s.shape[1] >= 2:
+            yield (s - s.mean(0)) / (s.std(0) + 1e-3)
+
+
 def peak_decorrelation(peaks: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Redundancy of a layer's filters: the mean squared correlation, between two filters of one
     category, of their peak responses ``peaks = max_ij x (B, C)`` over that category's images in
     the batch (0: no filter's response predicts another's; 1: copies). Differentiable; categories
     with fewer than 3 images or 2 filters in the batch drop out."""
     terms = []
-    for c in targets.unique().tolist():
-        s = peaks[labels == c][:, targets == c]  # (n, F)
-        n, f = s.shape
-        if n < 3 or f < 2:
-            continue
-        z = (s - s.mean(0)) / (s.std(0) + 1e-3)  # corr = z^T z / (n - 1), (F, F)
+    for z in category_z_scores(peaks, labels, targets):
+        n, f = z.shape
         gram = z @ z.t() if n < f else z.t() @ z  # the smaller of z z^T, z^T z: the same ||.||_F
         off = gram.pow(2).sum() - z.pow(2).sum(0).pow(2).sum()  # sum_{f != g} (z^T z)_fg^2
         terms.append(off / ((n - 1) ** 2 * f * (f - 1)))
@@ -206,22 +212,15 @@ def batch_collapse(peaks: torch.Tensor, units: torch.Tensor, labels: torch.Tenso
     ``adapt_rate`` holds at their targets; ``icnn.metrics.collapse`` measures them on a whole set):
     the share of the category's firing filters at each image's commonest unit, averaged over the
     images with any, and the mean correlation of two filters' peaks over their category's images
-    (a filter constant over them counts as uncorrelated; a category with fewer than 3 images or 2
-    filters in the batch drops out; NaN when none is left)."""
+    (categories as in :func:`category_z_scores`; NaN when none is left)."""
     firing = (labels[:, None] == targets[None, :]) & (peaks > 0)  # (B, C)
     counts = torch.zeros(peaks.shape[0], num_units, dtype=peaks.dtype, device=peaks.device)
     counts.scatter_add_(1, units, firing.to(peaks.dtype))
     n = firing.sum(1)
     ok = n > 0
     mode = (counts.amax(1)[ok] / n[ok]).mean() if bool(ok.any()) else peaks.new_tensor(float("nan"))
-    corr = []
-    for c in targets.unique().tolist():
-        s = peaks[labels == c][:, targets == c]  # (n, F)
-        m, f = s.shape
-        if m < 3 or f < 2:
-            continue
-        z = (s - s.mean(0)) / (s.std(0) + 1e-3)
-        corr.append((z.sum(1).pow(2).sum() - z.pow(2).sum()) / ((m - 1) * f * (f - 1)))  # mean_{f != g} corr_fg
+    corr = [(z.sum(1).pow(2).sum() - z.pow(2).sum()) / ((z.shape[0] - 1) * z.shape[1] * (z.shape[1] - 1))  # mean_{f != g} corr_fg
+            for z in category_z_scores(peaks, labels, targets)]  # fmt: skip
     return torch.stack((mode, torch.stack(corr).mean() if corr else peaks.new_tensor(float("nan"))))
 
 
